@@ -1,0 +1,42 @@
+# The verbs people use. Everything runs inside .venv in this folder; `make install` creates it.
+#   make train   set up if needed, then train the default config on the built-in shapes dataset
+#   make test    set up if needed, then run the whole test suite (what CI runs)
+#   make lint    ruff
+#   make bench   the training-step benchmark (figures, not a pass/fail test)
+
+PYTHON  ?= python3
+VENV    := .venv
+PY      := $(VENV)/bin/python
+# torch/torchvision must be a matching pair from the same index: the CPU-only torch wheel some machines carry
+# locally cannot load the registry's torchvision (see README, "Installing").
+TORCH   := torch==2.14.1 torchvision==0.29.2
+CONFIG  ?= configs/default.yaml
+RUN_DIR ?=
+STAMP   := $(VENV)/.installed
+
+.PHONY: install train test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check $(TORCH)
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+	@touch $(STAMP)
+	@echo "installed distgan into $(VENV)"
+
+train: install
+	$(VENV)/bin/distgan train --config $(CONFIG) $(if $(RUN_DIR),--run-dir $(RUN_DIR))
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check distgan tests benchmarks
+	$(VENV)/bin/ruff format --check distgan tests benchmarks
+
+bench: install
+	$(VENV)/bin/distgan bench train --config $(CONFIG)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

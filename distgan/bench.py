@@ -1,0 +1,265 @@
+"""Benchmarks: each figure is printed next to a reference measured in the same run, on the same machine.
+
+    distgan bench train --config configs/default.yaml [--steps 40] [--repeats 3] [--no-scaling]
+
+Part 1, framework cost: distgan's training step (Trainer.train_step with its data draw, phases, EMA and stats)
+against a plain eager PyTorch loop of the same networks, batch and optimizer hyper-parameters, written the way
+pytorch/examples/dcgan writes it. The two alternate in rounds (framework, plain, framework, plain, ...) and each
+reports its median; peak memory is measured per segment. Target: ratio >= 1.0.
+
+Part 2, scaling: img/s of 2 processes with 1 thread each against 1 process with 1 thread (gloo on CPU, NCCL on
+GPUs), each process keeping the per-process batch of part 1 (weak scaling: 2 processes train on twice the
+images per step). Target on CPU: speed-up >= 1.8x.
+
+These are benchmarks, not tests: they print figures and whether each target was met; `--check` makes a missed
+target exit with code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+TARGET_RATIO = 1.0
+TARGET_SPEEDUP = 1.8
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="distgan bench", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="what", required=True)
+    t = sub.add_parser("train", help="training-step throughput and memory vs a plain PyTorch loop; 2-rank scaling")
+    t.add_argument("--config", default="configs/default.yaml")
+    t.add_argument("--steps", type=int, default=30, help="timed steps per segment")
+    t.add_argument("--warmup", type=int, default=5)
+    t.add_argument("--repeats", type=int, default=3, help="alternating rounds per measurement")
+    t.add_argument("--threads", type=int, default=1, help="torch threads for part 1 (part 2 always uses 1)")
+    t.add_argument("--no-scaling", action="store_true", help="skip part 2")
+    t.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    args = p.parse_args(argv)
+
+    from distgan.config import load_config
+    from distgan.errors import UserError
+
+    try:
+        cfg = load_config(args.config, args.overrides).validate()
+    except UserError as e:
+        print(f"distgan: error: {e}", file=sys.stderr)
+        return e.exit_code
+    ok = bench_framework(cfg, args.steps, args.warmup, args.repeats, args.threads)
+    if not args.no_scaling:
+        ok &= bench_scaling(cfg, args.steps, args.warmup, args.repeats)
+    return 1 if args.check and not ok else 0
+
+
+# ---------------------------------------------------------------------- part 1
+
+
+def bench_framework(cfg, steps: int, warmup: int, repeats: int, threads: int) -> bool:
+    import torch
+
+    from distgan import distributed
+    from distgan.data import ArrayStream, load_images
+    from distgan.trainer import Trainer
+
+    dist = distributed.setup(cfg.train.precision, threads=threads)
+    images = load_images(cfg)
+    trainer = Trainer(cfg, dist, ArrayStream(images, cfg.train.batch, 0, 1, cfg.train.seed))
+    plain_step = plain_loop(cfg, images, dist.device)
+
+    def framework_step():
+        trainer.train_step(*trainer.draw())
+
+    batch = cfg.train.batch * cfg.loss.n_critic
+    results = {"distgan": [], "plain": []}
+    memory = {"distgan": 0.0, "plain": 0.0}
+    for fn in (framework_step, plain_step):
+        for _ in range(warmup):
+            fn()
+    for _ in range(repeats):
+        for name, fn in (("distgan", framework_step), ("plain", plain_step)):
+            reset_peak_memory(dist.device)
+            results[name].append(timed(fn, steps, dist.device))
+            memory[name] = max(memory[name], peak_memory_mb(dist.device))
+    ips = {name: batch / statistics.median(times) for name, times in results.items()}
+    ratio = ips["distgan"] / ips["plain"]
+    print(
+        f"bench train: {cfg.name}, batch {cfg.train.batch}, {cfg.model.resolution}px, "
+        f"precision {cfg.train.precision}, {threads} thread(s), device {dist.device}, torch {torch.__version__}"
+    )
+    for name in ("distgan", "plain"):
+        spread = ", ".join(f"{batch / t:.0f}" for t in results[name])
+        print(f"  {name:<8} {ips[name]:8.1f} img/s   peak memory {memory[name]:8.1f} MB   (rounds: {spread})")
+    met = ratio >= TARGET_RATIO
+    print(f"  ratio distgan/plain: {ratio:.3f}   target >= {TARGET_RATIO}: {'met' if met else 'MISSED'}")
+    dist.close()
+    return met
+
+
+def plain_loop(cfg, images, device):
+    """The textbook eager DCGAN step (pytorch/examples/dcgan), on the same networks and data: the reference."""
+    import torch
+    import torch.nn.functional as F
+
+    from distgan.models import build_discriminator, build_generator
+
+    torch.manual_seed(0)
+    G, D = build_generator(cfg.model).to(device), build_discriminator(cfg.model).to(device)
+    o = cfg.optim
+    opt_g = torch.optim.Adam(G.parameters(), o.lr_g, betas=(o.beta1, o.beta2))
+    opt_d = torch.optim.Adam(D.parameters(), o.lr_d, betas=(o.beta1, o.beta2))
+    data = torch.from_numpy(images)
+    b, z_dim = cfg.train.batch, cfg.model.z_dim
+    ones, zeros = torch.ones(b, device=device), torch.zeros(b, device=device)
+
+    def step():
+        real = data[torch.randint(len(data), [b])].to(device).float() / 127.5 - 1
+        # D: real and fake batches, one backward each (as pytorch/examples does).
+        opt_d.zero_grad()
+        F.binary_cross_entropy_with_logits(D(real), ones).backward()
+        fake = G(torch.randn(b, z_dim, device=device))
+        F.binary_cross_entropy_with_logits(D(fake.detach()), zeros).backward()
+        opt_d.step()
+        # G: fool D on the same fakes.
+        opt_g.zero_grad()
+        F.binary_cross_entropy_with_logits(D(fake), ones).backward()
+        opt_g.step()
+
+    return step
+
+
+def timed(fn, steps: int, device) -> float:
+    """Seconds per step."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
+def reset_peak_memory(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: writing 5 to clear_refs resets the process's peak resident set (VmHWM)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb(device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------------- part 2
+
+
+def bench_scaling(cfg, steps: int, warmup: int, repeats: int) -> bool:
+    per_rank = cfg.train.batch
+    rounds: dict[int, list[float]] = {1: [], 2: []}
+    for _ in range(repeats):
+        for world in (1, 2):
+            rounds[world].append(_spawn(world, cfg, per_rank, steps, warmup))
+    ips = {w: statistics.median(v) for w, v in rounds.items()}
+    speedup = ips[2] / ips[1]
+    print(f"bench scaling: {per_rank} images per process per step, 1 thread per process")
+    for w in (1, 2):
+        print(
+            f"  {w} process{'es' if w > 1 else '  '} {ips[w]:8.1f} img/s   (rounds: "
+            + ", ".join(f"{x:.0f}" for x in rounds[w])
+            + ")"
+        )
+    met = speedup >= TARGET_SPEEDUP
+    print(f"  speed-up 2 vs 1: {speedup:.2f}x   target >= {TARGET_SPEEDUP}x: {'met' if met else 'MISSED'}")
+    return met
+
+
+def _spawn(world: int, cfg, per_rank: int, steps: int, warmup: int) -> float:
+    """Global img/s of `world` local processes training `cfg` (rank 0's timing)."""
+    import multiprocessing as mp
+    import socket
+
+    from distgan.config import to_yaml
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [
+        ctx.Process(target=_rank_main, args=(r, world, port, to_yaml(cfg), per_rank, steps, warmup, queue))
+        for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        results = [queue.get(timeout=600) for _ in range(world)]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    errors = [r for r in results if isinstance(r, str)]
+    if errors:
+        raise RuntimeError("a benchmark rank failed:\n" + errors[0])
+    return max(results)  # every rank reports the same global rate up to timer noise; take the first done
+
+
+def _rank_main(rank, world, port, cfg_yaml, per_rank, steps, warmup, queue):
+    import traceback
+
+    for key in [k for k in os.environ if k.startswith("ACCELERATE_")]:
+        del os.environ[key]
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        OMP_NUM_THREADS="1",
+    )
+    try:
+        import yaml
+
+        from distgan import distributed
+        from distgan.config import from_dict
+        from distgan.data import ArrayStream, load_images
+        from distgan.trainer import Trainer
+
+        cfg = from_dict(yaml.safe_load(cfg_yaml))
+        cfg.train.batch = per_rank * world
+        dist = distributed.setup(cfg.train.precision, threads=1)
+        trainer = Trainer(cfg, dist, ArrayStream(load_images(cfg), cfg.train.batch, rank, world, cfg.train.seed))
+        for _ in range(warmup):
+            trainer.train_step(*trainer.draw())
+        dist.barrier()
+        sec = timed(lambda: trainer.train_step(*trainer.draw()), steps, dist.device)
+        queue.put(cfg.train.batch * cfg.loss.n_critic / sec)
+        dist.close()
+    except BaseException:
+        queue.put(traceback.format_exc())

@@ -1,0 +1,32 @@
+"""The `distgan` command: `distgan train ...`, `distgan bench train ...`.
+
+Each subcommand is a module with its own `main(argv)`; this file only dispatches, so `distgan --help` is fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("distgan.train", "train a GAN (same arguments as python -m distgan.train)"),
+    "bench": ("distgan.bench", "benchmarks: `distgan bench train --config ...`"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        width = max(map(len, COMMANDS))
+        lines = [f"  {name:<{width}}  {doc}" for name, (_, doc) in COMMANDS.items()]
+        print("usage: distgan COMMAND [ARGS...]\n\ncommands:\n" + "\n".join(lines))
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\ndistgan: error: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

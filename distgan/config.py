@@ -1,0 +1,367 @@
+"""The run configuration: a typed dataclass tree, YAML files of values, dotted command-line overrides.
+
+    cfg = load_config("configs/smoke.yaml", ["train.total_kimg=50", "optim.lr_g=1e-4"])
+    cfg.validate(world_size=2)  # raises ConfigError: one line naming every problem
+
+Every field has a type and a one-line doc (`distgan train --help-config` lists them). YAML files under
+configs/ hold only values that differ from the defaults below. Unknown keys are refused together, each with the
+nearest valid name. This module imports no torch: a bad config fails in well under a second, before any
+process group is started.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from distgan.errors import ConfigError
+from distgan.models import ARCHITECTURES
+
+
+def _f(default: Any, doc: str):
+    """A dataclass field with a doc string (shown by `--help-config`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+# Datasets distgan knows by name, with the channel count they produce.
+DATASET_CHANNELS = {"shapes": 3, "mnist": 1, "fashion_mnist": 1, "cifar10": 3}
+
+
+@dataclass
+class ModelConfig:
+    arch: str = _f("dcgan", "model family (see distgan/models/__init__.py)")
+    resolution: int = _f(32, "image size in pixels (square); dcgan: 32, 64 or 128")
+    channels: int = _f(3, "image channels (1 grey, 3 RGB); must match the dataset")
+    z_dim: int = _f(100, "latent size")
+    g_width: int = _f(64, "G's last hidden width (ngf); it doubles per layer towards the latent")
+    d_width: int = _f(64, "D's first hidden width (ndf); it doubles per layer towards the logit")
+    norm: Literal["batch", "none"] = _f("batch", "normalisation of hidden layers")
+
+
+@dataclass
+class LossConfig:
+    kind: Literal["nonsaturating", "hinge", "wgan", "lsgan"] = _f("nonsaturating", "adversarial loss")
+    r1_gamma: float = _f(0.0, "R1 penalty weight on real images (0 = off)")
+    gp_weight: float = _f(0.0, "WGAN-GP gradient penalty weight on interpolates (0 = off; 10 for WGAN-GP)")
+    d_reg_interval: int = _f(16, "run D's penalties every N steps (lazy; lr/betas rescaled); 1 = in the main step")
+    pl_weight: float = _f(0.0, "G path-length penalty weight (0 = off)")
+    pl_decay: float = _f(0.01, "decay of the running mean path length")
+    g_reg_interval: int = _f(4, "run G's penalty every N steps (lazy); 1 = in the main step")
+    n_critic: int = _f(1, "D steps per G step")
+
+
+@dataclass
+class OptimConfig:
+    lr_g: float = _f(2e-4, "Adam learning rate of G")
+    lr_d: float = _f(2e-4, "Adam learning rate of D")
+    beta1: float = _f(0.5, "Adam beta1")
+    beta2: float = _f(0.999, "Adam beta2")
+    eps: float = _f(1e-8, "Adam epsilon")
+
+
+@dataclass
+class DataConfig:
+    source: Literal["shapes", "mnist", "fashion_mnist", "cifar10"] = _f(
+        "shapes", "dataset: the built-in procedural shapes, or a torchvision dataset"
+    )
+    root: str = _f("data", "where torchvision datasets are found or downloaded to")
+    download: bool = _f(True, "let torchvision download a missing dataset")
+    num_images: int = _f(20000, "shapes: number of images to generate")
+    seed: int = _f(0, "shapes: generation seed (the data, not the training run)")
+    xflip: bool = _f(False, "augment with random horizontal flips")
+
+
+@dataclass
+class TrainConfig:
+    batch: int = _f(64, "global batch: real images per D step, summed over all processes")
+    total_kimg: float = _f(300.0, "train until this many thousand real images have been shown to D")
+    log_every_kimg: float = _f(4.0, "reduce and log stats every N kimg")
+    sample_every_kimg: float = _f(20.0, "write a sample grid from fixed latents every N kimg")
+    ckpt_every_kimg: float = _f(50.0, "write a checkpoint every N kimg (and at the end)")
+    keep_ckpts: int = _f(3, "checkpoints kept in the run dir (older ones deleted after a new one is committed)")
+    seed: int = _f(0, "training seed: initial weights, latents and data order derive from it")
+    precision: Literal["fp32", "bf16", "fp16"] = _f(
+        "fp32", "fp32; bf16 autocast; or fp16 autocast with one loss scaler per network"
+    )
+    ema_kimg: float = _f(10.0, "half-life of G's exponential moving average, in kimg (0 = no averaging)")
+    ema_rampup: float = _f(0.05, "early in training cap the half-life at this fraction of images seen (0 = off)")
+    reuse_fake: bool = _f(True, "G step reuses the last D step's fakes (saves one G forward per step)")
+    sample_num: int = _f(64, "images in a sample grid")
+    threads: int = _f(0, "torch threads per process (0 = CPU cores / local processes)")
+    deterministic: bool = _f(False, "use deterministic kernels (slower; for exact reproduction)")
+    progress: Literal["auto", "bar", "log", "none"] = _f(
+        "auto", "rank 0 console: progress bar, one line per log interval, or nothing (auto: bar on a terminal)"
+    )
+
+
+@dataclass
+class LogConfig:
+    tracker: Literal["none", "console", "wandb"] = _f("console", "where stats go besides the run dir's stats.jsonl")
+    wandb_project: str = _f("distgan", "W&B project")
+    wandb_entity: str = _f("", "W&B entity (team or user); empty = your default")
+    wandb_mode: Literal["auto", "online", "offline"] = _f(
+        "auto", "auto: online when an API key is configured, else offline"
+    )
+
+
+@dataclass
+class Config:
+    name: str = _f("", "run name (default: the config file's name)")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    # ------------------------------------------------------------------ validation
+    def problems(self, world_size: int = 1) -> list[str]:
+        """Every invalid value, as short phrases (empty when the config is usable on `world_size` processes)."""
+        m, lo, o, d, t = self.model, self.loss, self.optim, self.data, self.train
+        out: list[str] = []
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                out.append(msg)
+
+        arch = ARCHITECTURES.get(m.arch)
+        need(arch is not None, f"model.arch={m.arch!r} is not one of {sorted(ARCHITECTURES)}")
+        if arch is not None:
+            need(
+                m.resolution in arch.resolutions,
+                f"model.resolution={m.resolution} cannot be made by {m.arch} (choose from {list(arch.resolutions)})",
+            )
+        need(m.channels in (1, 3), f"model.channels={m.channels} must be 1 or 3")
+        need(
+            m.channels == DATASET_CHANNELS[d.source],
+            f"model.channels={m.channels} but data.source={d.source} has {DATASET_CHANNELS[d.source]} channels",
+        )
+        for key in ("z_dim", "g_width", "d_width"):
+            need(getattr(m, key) >= 1, f"model.{key}={getattr(m, key)} must be >= 1")
+        for key in ("r1_gamma", "gp_weight", "pl_weight"):
+            need(getattr(lo, key) >= 0, f"loss.{key}={getattr(lo, key)} must be >= 0")
+        for key in ("d_reg_interval", "g_reg_interval", "n_critic"):
+            need(getattr(lo, key) >= 1, f"loss.{key}={getattr(lo, key)} must be >= 1")
+        need(0 < lo.pl_decay <= 1, f"loss.pl_decay={lo.pl_decay} must be in (0, 1]")
+        for key in ("lr_g", "lr_d", "eps"):
+            need(getattr(o, key) > 0, f"optim.{key}={getattr(o, key)} must be > 0")
+        for key in ("beta1", "beta2"):
+            need(0 <= getattr(o, key) < 1, f"optim.{key}={getattr(o, key)} must be in [0, 1)")
+        need(d.num_images >= 1, f"data.num_images={d.num_images} must be >= 1")
+        need(t.batch >= 1, f"train.batch={t.batch} must be >= 1")
+        if t.batch >= 1 and world_size >= 1:
+            need(
+                t.batch % world_size == 0,
+                f"train.batch={t.batch} is not divisible by the {world_size} processes launched",
+            )
+        for key in ("total_kimg", "log_every_kimg", "sample_every_kimg", "ckpt_every_kimg"):
+            need(getattr(t, key) > 0, f"train.{key}={getattr(t, key)} must be > 0")
+        for key in ("ema_kimg", "ema_rampup"):
+            need(getattr(t, key) >= 0, f"train.{key}={getattr(t, key)} must be >= 0")
+        need(t.keep_ckpts >= 1, f"train.keep_ckpts={t.keep_ckpts} must be >= 1")
+        need(t.sample_num >= 1, f"train.sample_num={t.sample_num} must be >= 1")
+        need(t.threads >= 0, f"train.threads={t.threads} must be >= 0")
+        return out
+
+    def validate(self, world_size: int = 1) -> Config:
+        problems = self.problems(world_size)
+        if problems:
+            raise ConfigError("invalid config: " + "; ".join(problems))
+        return self
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def dump(self, path: str | Path) -> None:
+        Path(path).write_text(to_yaml(self))
+
+    def digest(self) -> str:
+        """A short hash of the values (identifies a config in checkpoints and caches)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file's values, then `key=value` overrides; raises ConfigError on any bad key or value."""
+    values: dict[str, Any] = {}
+    name = ""
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)  # safe_load: no python tags, nothing executes
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of config sections, not a {type(loaded).__name__}")
+        values = flatten(loaded or {})
+        name = path.stem
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        values[key.strip()] = _parse_scalar(raw)
+    return from_flat(values, default_name=name)
+
+
+def from_dict(tree: dict[str, Any]) -> Config:
+    """Build a Config from a nested dict such as `Config.to_dict()` produces (used to read back a run's config)."""
+    return from_flat(flatten(tree))
+
+
+def from_flat(values: dict[str, Any], default_name: str = "") -> Config:
+    cfg = Config()
+    fields = field_index()
+    unknown = [k for k in values if k not in fields]
+    if unknown:
+        raise ConfigError("unknown config keys: " + "; ".join(_suggest(k, fields) for k in unknown))
+    errors = []
+    for key, raw in values.items():
+        try:
+            value = _coerce(raw, fields[key].type, key)
+        except ConfigError as e:
+            errors.append(str(e))
+            continue
+        section, _, leaf = key.rpartition(".")
+        setattr(getattr(cfg, section) if section else cfg, leaf, value)
+    if errors:
+        raise ConfigError("invalid config values: " + "; ".join(errors))
+    if not cfg.name:
+        cfg.name = default_name or "run"
+    return cfg
+
+
+class FieldInfo(typing.NamedTuple):
+    type: Any
+    default: Any
+    doc: str
+
+
+def field_index() -> dict[str, FieldInfo]:
+    """Every leaf field by its dotted name ("train.total_kimg"): resolved type, default and doc."""
+    out: dict[str, FieldInfo] = {}
+
+    def walk(cls: type, instance: Any, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            value = getattr(instance, f.name)
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], value, prefix + f.name + ".")
+            else:
+                out[prefix + f.name] = FieldInfo(hints[f.name], value, f.metadata.get("doc", ""))
+
+    walk(Config, Config(), "")
+    return out
+
+
+def help_text() -> str:
+    """One line per key: name, type, default, doc."""
+    return "\n".join(
+        f"{key:<24} {_type_name(info.type):<30} {info.default!r:<16} {info.doc}" for key, info in field_index().items()
+    )
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _suggest(key: str, fields: dict[str, Any]) -> str:
+    # Nearest by full dotted name, else by the leaf name alone ("total_kimg" -> "train.total_kimg").
+    close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
+    if not close:
+        leaf = key.rpartition(".")[2]
+        by_leaf = {k.rpartition(".")[2]: k for k in fields}
+        near = difflib.get_close_matches(leaf, by_leaf, n=1, cutoff=0.6)
+        close = [by_leaf[near[0]]] if near else []
+    return f"{key!r} (did you mean {close[0]!r}?)" if close else f"{key!r}"
+
+
+def _parse_scalar(raw: str) -> Any:
+    # YAML scalars ("true", "[1, 2]", "null"); anything YAML can't read stays a string.
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "|".join(map(str, typing.get_args(tp)))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            hint = " (YAML reads yes/no/on/off as booleans)" if isinstance(value, bool) else ""
+            raise ConfigError(f"{key}={value!r} is not one of {list(choices)}{hint}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{key}={value!r} is not a boolean")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} is not an integer")
+        if isinstance(value, int):
+            return value
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            as_float = None
+        if as_float is not None and as_float.is_integer():
+            return int(as_float)
+        raise ConfigError(f"{key}={value!r} is not an integer")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} is not a number")
+        try:
+            return float(value)  # also "1e-4", which YAML 1.1 reads as a string
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={value!r} is not a number") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}={value!r} is not a string")
+        return "" if value is None else str(value)
+    raise AssertionError(f"config field {key} has an unsupported type {tp!r}")

@@ -1,0 +1,163 @@
+"""Processes, devices and gradient synchronisation: the only module that knows about Accelerate and
+torch.distributed.
+
+The launcher is an input. `torchrun`, `accelerate launch` and a plain `python` all end up in `setup()`, which
+starts (or joins) the process group through Accelerate, checks that Accelerate sees the world the launcher
+started, and returns a `Dist`: rank and world size as ints, the device, and the few collectives the trainer
+needs. The rest of distgan never imports accelerate or torch.distributed.
+
+Two traps this module closes (measured, see ../shared/ENVIRONMENT.md in the team notes):
+- On a machine without CUDA, Accelerate must be told to use the CPU, or every process of a multi-process launch
+  believes it is rank 0 of 1 and trains alone without any error. `setup()` passes `cpu=True` there (gloo).
+- If Accelerate's world size still disagrees with the launcher's WORLD_SIZE, that is an error, not a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from distgan import launcher
+from distgan.errors import LaunchError
+
+
+@dataclass
+class Dist:
+    """What the trainer knows about the process group."""
+
+    accelerator: Any
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    launcher_name: str
+    threads: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # -------------------------------------------------------------- models
+    def wrap(self, module: nn.Module) -> nn.Module:
+        """Move to the device and, with several processes, wrap in DDP (gradients all-reduced in backward)."""
+        with warnings.catch_warnings():
+            # torch >= 2.14 renames DDP's broadcast_buffers (Accelerate still passes the old name); same meaning.
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*deprecated", category=FutureWarning)
+            return self.accelerator.prepare_model(module)
+
+    def unwrap(self, module: nn.Module) -> nn.Module:
+        return self.accelerator.unwrap_model(module)
+
+    @staticmethod
+    def no_sync(module: nn.Module):
+        """Context in which a DDP module's backward does not all-reduce (a no-op for an unwrapped module)."""
+        return module.no_sync() if hasattr(module, "no_sync") else contextlib.nullcontext()
+
+    # -------------------------------------------------------------- collectives
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, in place; returns the tensor."""
+        if self.world_size > 1:
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+        return tensor
+
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.all_reduce_sum(tensor).div_(self.world_size)
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    @contextlib.contextmanager
+    def local_main_first(self):
+        """The first process of each node runs the block first (e.g. a download), the others after it."""
+        with self.accelerator.local_main_process_first():
+            yield
+
+    def describe(self, precision: str, strategy: str = "ddp") -> str:
+        backend = torch.distributed.get_backend() if self.world_size > 1 else "none"
+        strategy = strategy if self.world_size > 1 else "single"
+        return (
+            f"launcher={self.launcher_name} backend={backend} world={self.world_size} device={self.device} "
+            f"threads/rank={self.threads} precision={precision} strategy={strategy}"
+        )
+
+    def close(self) -> None:
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def setup(precision: str = "fp32", threads: int = 0, deterministic: bool = False, timeout_s: float = 1800) -> Dist:
+    """Start or join the process group for this launch and return the `Dist` handle."""
+    world = launcher.world_size()
+    launcher.check_precision(precision)
+    use_cpu = not torch.cuda.is_available()
+    if use_cpu:
+        # Without this, `accelerate launch --multi_gpu` and torchrun on a CPU machine give N lone rank-0s.
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    accelerator = Accelerator(
+        cpu=use_cpu,
+        mixed_precision="no",  # distgan runs autocast and one loss scaler per network itself (see precision.py)
+        kwargs_handlers=[
+            # Every parameter of G and D takes part in every backward of its phase: no search for unused ones.
+            # No buffer broadcast before every forward: BatchNorm running stats do not enter training-mode
+            # forwards, so Trainer averages them across ranks only when it snapshots (StyleGAN2-ADA also
+            # runs DDP without it). Measured on 2 CPU ranks: 1.64x -> 1.80x over one rank, with
+            # gradients kept in DDP's buckets (no copy).
+            DistributedDataParallelKwargs(
+                find_unused_parameters=False, broadcast_buffers=False, gradient_as_bucket_view=True
+            ),
+            InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=timeout_s)),
+        ],
+    )
+    if accelerator.num_processes != world:
+        raise LaunchError(
+            f"the launcher started {world} processes but Accelerate sees {accelerator.num_processes} "
+            f"(distributed type {accelerator.distributed_type}); each process would train alone. "
+            "On CPU launch with `torchrun --nproc_per_node=N` or `accelerate launch --multi_gpu --num_processes N`"
+        )
+
+    if threads <= 0:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cores // launcher.local_world_size())
+    torch.set_num_threads(threads)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif not use_cpu:
+        torch.backends.cudnn.benchmark = True
+
+    return Dist(
+        accelerator=accelerator,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        local_rank=accelerator.local_process_index,
+        device=accelerator.device,
+        launcher_name=launcher.name(),
+        threads=threads,
+    )

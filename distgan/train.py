@@ -1,0 +1,220 @@
+"""Train a GAN. The one entry point for every launcher, with the same arguments everywhere:
+
+    distgan train --config configs/smoke.yaml train.total_kimg=1               # one process
+    python -m distgan.train --config configs/smoke.yaml
+    torchrun --nproc_per_node=2 -m distgan.train --config configs/smoke.yaml     # N processes (gloo on CPU)
+    accelerate launch --multi_gpu --num_processes 2 distgan/train.py --config configs/smoke.yaml
+
+Order of events: read and validate the config (no torch is imported yet, so a bad config exits with code 2 in
+well under two seconds, before any process group exists); start the process group; pick the run dir; find the
+checkpoint to resume from; load the data; train; print where everything is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:
+    # Run as a file (`accelerate launch distgan/train.py`): Python put distgan/ itself first on sys.path.
+    # Put the repository root there instead, so `import distgan` finds this checkout's package.
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from distgan import launcher  # noqa: E402
+from distgan.config import flatten, help_text, load_config, to_yaml  # noqa: E402
+from distgan.errors import CheckpointError, UserError  # noqa: E402
+
+# Config keys a resumed run may change; any other difference from the checkpoint's config is refused unless
+# --allow-config-change is given (it would silently train a different model or on different data).
+RESUMABLE_CHANGES = (
+    "name",
+    "train.total_kimg",
+    "train.log_every_kimg",
+    "train.sample_every_kimg",
+    "train.ckpt_every_kimg",
+    "train.keep_ckpts",
+    "train.threads",
+    "train.progress",
+    "data.root",
+    "data.download",
+    "log.",
+)
+
+
+def build_parser(prog: str = "distgan train") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Train a GAN on one process or many (torchrun / accelerate launch). "
+        "Overrides are dotted config keys, e.g. train.total_kimg=50 optim.lr_g=1e-4.",
+    )
+    p.add_argument("--config", help="YAML file of config values (default: the built-in defaults)")
+    p.add_argument("--run-dir", help="folder for this run's outputs (default: a new folder under runs/)")
+    p.add_argument(
+        "--resume",
+        default="latest",
+        help="latest (default): continue from the run dir's newest checkpoint if there is one; "
+        "none: start fresh (refused if the run dir has checkpoints); or a checkpoint path",
+    )
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume even if model, loss, optimizer or data settings differ from the checkpoint's",
+    )
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its default and exit")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.help_config:
+        print(help_text())
+        return 0
+    try:
+        cfg = load_config(args.config, args.overrides).validate(world_size=launcher.world_size())
+        launcher.check_precision(cfg.train.precision)
+    except UserError as e:
+        return _fail(e)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    try:
+        run(cfg, run_dir=args.run_dir, resume=args.resume, allow_config_change=args.allow_config_change)
+    except UserError as e:
+        return _fail(e)
+    return 0
+
+
+def _fail(e: UserError) -> int:
+    # Every rank validates the same way; one line from rank 0 is enough.
+    if launcher.rank() == 0:
+        print(f"distgan: error: {e}", file=sys.stderr)
+    return e.exit_code
+
+
+def run(cfg, run_dir: str | None = None, resume: str = "latest", allow_config_change: bool = False) -> dict:
+    """Start the process group, train, and return the summary (on every rank)."""
+    from distgan import distributed
+
+    dist = distributed.setup(cfg.train.precision, cfg.train.threads, cfg.train.deterministic)
+    try:
+        return _run(cfg, dist, run_dir, resume, allow_config_change)
+    finally:
+        dist.close()
+
+
+def _run(cfg, dist, run_dir_arg, resume, allow_config_change) -> dict:
+    from distgan import __version__
+    from distgan.checkpoint import CheckpointManager
+    from distgan.console import Console
+    from distgan.data import ArrayStream, load_images
+    from distgan.tracking import NullTracker, make_tracker
+    from distgan.trainer import Trainer
+
+    # Pick the run dir: rank 0 names a new one, everyone uses rank 0's choice.
+    run_dir = Path(dist.broadcast_object(str(new_run_dir(cfg.name)) if run_dir_arg is None else run_dir_arg))
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    console = Console(dist.is_main, run_dir / "log.txt", cfg.train.progress)
+    console.print(f"distgan {__version__}: {dist.describe(cfg.train.precision)}")
+    console.print(f"run dir: {run_dir}")
+
+    # Find the checkpoint to resume from, and check it belongs to this config.
+    ckpts = CheckpointManager(run_dir, keep=cfg.train.keep_ckpts)
+    ckpt_path = find_checkpoint(ckpts, resume)
+    state = CheckpointManager.load(ckpt_path) if ckpt_path is not None else None
+    if state is not None:
+        check_resumable(state["config"], cfg, allow_config_change)
+    if dist.is_main:
+        cfg.dump(run_dir / "config.yaml")
+
+    # Load the data: the first process of each node first (it may download), then the others.
+    with dist.local_main_first():
+        images = load_images(cfg)
+    stream = ArrayStream(images, cfg.train.batch, dist.rank, dist.world_size, cfg.train.seed, cfg.data.xflip)
+
+    # Construct the trainer, restore its state, and connect the tracker (continuing the checkpoint's W&B run).
+    trainer = Trainer(cfg, dist, stream, run_dir, console)
+    if state is not None:
+        trainer.load_state_dict(state)
+        console.print(f"resumed from {ckpt_path} at {trainer.cur_nimg / 1000:.3f} kimg")
+    tracker = NullTracker()
+    if dist.is_main:
+        tracker = make_tracker(cfg.log.tracker, console, cfg, run_dir, state and state.get("tracker_run_id"))
+    if trainer.cur_nimg >= cfg.train.total_kimg * 1000:
+        console.print(
+            f"already trained to {trainer.cur_nimg / 1000:.3f} kimg >= train.total_kimg; "
+            "raise train.total_kimg to train further"
+        )
+    start = time.time()
+    try:
+        summary = trainer.fit(tracker)
+    finally:
+        tracker.finish()
+
+    # Where everything is.
+    latest = ckpts.latest()
+    samples = sorted((run_dir / "samples").glob("fakes-*.png"))
+    console.print(
+        f"done: {summary['kimg']:.3f} kimg in {_hms(time.time() - start)} ({summary['img_per_sec']:.0f} img/s)"
+    )
+    console.print(f"  samples:     {samples[-1] if samples else '(none)'}")
+    console.print(f"  checkpoint:  {latest if latest else '(none)'}")
+    console.print(f"  stats:       {run_dir / 'stats.jsonl'}")
+    if tracker.location:
+        console.print(f"  W&B:         {tracker.location}")
+    return summary
+
+
+def new_run_dir(name: str, root: str = "runs") -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path(root) / f"{stamp}-{name}"
+    n = 1
+    while path.exists():
+        n += 1
+        path = Path(root) / f"{stamp}-{name}-{n}"
+    return path
+
+
+def find_checkpoint(ckpts, resume: str) -> Path | None:
+    if resume == "latest":
+        return ckpts.latest()
+    if resume == "none":
+        if ckpts.latest() is not None:
+            raise CheckpointError(
+                f"{ckpts.dir.parent} already has checkpoints; use --resume latest or another --run-dir"
+            )
+        return None
+    path = Path(resume)
+    if not path.exists():
+        raise CheckpointError(f"--resume {resume}: no such checkpoint")
+    return path
+
+
+def check_resumable(saved: dict, cfg, allow_change: bool) -> None:
+    """Refuse to resume a checkpoint made with a different model/loss/optimizer/data config."""
+    old, new = flatten(saved), flatten(cfg.to_dict())
+    diffs = [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)
+    ]
+    if diffs and not allow_change:
+        raise CheckpointError(
+            "the checkpoint was made with a different config (" + "; ".join(diffs) + "); "
+            "use another --run-dir, or --allow-config-change to resume anyway"
+        )
+
+
+def _hms(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,423 @@
+"""The adversarial training loop: named phases, EMA, progress in images, snapshots.
+
+One training step, read top to bottom in `train_step`:
+
+    for each of n_critic D steps:
+        fake = G(z)                       (kept with its graph on the last one, for G_main to reuse)
+        D_main   D learns reals vs fakes  (+ D's penalties in the same backward when d_reg_interval == 1)
+        D_reg    R1 / gradient penalty    (every d_reg_interval steps, lazily, when > 1)
+    G_main       G learns to fool D, on the reused fakes, D frozen
+    G_reg        path-length penalty      (every g_reg_interval steps)
+    G_ema        moving average of G's weights
+
+Every phase toggles which network may receive gradients, runs one backward (one gradient all-reduce for DDP)
+and steps that network's own optimizer through that network's own loss scaler. D is frozen
+(`requires_grad_(False)`) during G's phases, so G's backward leaves D's gradients alone, and D is called
+there through its unwrapped module, so DDP does not expect a D gradient sync that never comes.
+
+Progress is counted in real images shown to D (`cur_nimg`); all random numbers of a step derive from
+(seed, rank, cur_nimg) so a resumed run draws what the uninterrupted run drew.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from distgan import rng
+from distgan.checkpoint import CheckpointManager
+from distgan.ema import EMA, ema_beta
+from distgan.losses import LOSSES, gradient_penalty, input_gradients, path_lengths, r1_penalty
+from distgan.models import build_discriminator, build_generator
+from distgan.precision import Precision
+from distgan.stats import Collector
+from distgan.tracking import NullTracker, Tracker
+
+STATE_FORMAT = 1
+
+
+class Trainer:
+    def __init__(self, cfg, dist, stream, run_dir: Path | None = None, console=None):
+        t, lo = cfg.train, cfg.loss
+        self.cfg, self.dist, self.stream = cfg, dist, stream
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.console = console
+        self.device = dist.device
+        self.precision = Precision(t.precision, dist.device)
+        self.loss = LOSSES[lo.kind]
+        self.batch_local = t.batch // dist.world_size
+
+        # Which penalties run, and whether lazily in a phase of their own.
+        self.d_penalty = lo.r1_gamma > 0 or lo.gp_weight > 0
+        self.g_penalty = lo.pl_weight > 0
+        self.d_reg_lazy = self.d_penalty and lo.d_reg_interval > 1
+        self.g_reg_lazy = self.g_penalty and lo.g_reg_interval > 1
+
+        # Construct networks: identical initial weights on every rank (DDP would broadcast rank 0's anyway).
+        torch.manual_seed(rng.derive_seed(t.seed, rng.INIT))
+        G, D = build_generator(cfg.model), build_discriminator(cfg.model)
+        self.G_ema = EMA(G.to(self.device))
+
+        # Distribute across processes: DDP (through Accelerate) when there are several.
+        self.G, self.D = dist.wrap(G), dist.wrap(D)
+        self.G_module, self.D_module = dist.unwrap(self.G), dist.unwrap(self.D)
+
+        # One optimizer and one loss scaler per network.
+        o = cfg.optim
+        self.opt_G = self._adam(self.G_module, o.lr_g, lo.g_reg_interval if self.g_reg_lazy else None)
+        self.opt_D = self._adam(self.D_module, o.lr_d, lo.d_reg_interval if self.d_reg_lazy else None)
+        self.scaler_G, self.scaler_D = self.precision.make_scaler(), self.precision.make_scaler()
+
+        # Counters and running values (all part of the checkpoint).
+        self.cur_nimg = 0
+        self.step_idx = 0
+        self.pl_mean = torch.zeros([], device=self.device)
+        self.stats = Collector(self.device)
+        self.tracker: Tracker = NullTracker()
+
+    def _adam(self, module, lr: float, reg_interval: int | None) -> torch.optim.Adam:
+        # Lazy regularisation steps the optimizer interval+1 times per interval steps: rescale lr and betas so
+        # the effective step size and momentum horizon are unchanged (StyleGAN2, Karras et al. 2020, app. B).
+        o = self.cfg.optim
+        ratio = reg_interval / (reg_interval + 1) if reg_interval else 1.0
+        return torch.optim.Adam(module.parameters(), lr=lr * ratio, betas=(o.beta1**ratio, o.beta2**ratio), eps=o.eps)
+
+    # ================================================================== one step
+
+    def train_step(self, reals: torch.Tensor, latents: torch.Tensor, gen: torch.Generator) -> None:
+        """One iteration.
+
+        reals:   [n_critic, B_local, C, H, W], uint8 (or float in [-1, 1])
+        latents: [n_critic (+1 unless reusing fakes), B_local, z_dim]
+        gen:     generator for the step's other random numbers (interpolation weights, path-length directions)
+        """
+        lo, n_critic = self.cfg.loss, self.cfg.loss.n_critic
+        reuse = self.cfg.train.reuse_fake
+        d_reg_now = self.d_penalty and self.step_idx % lo.d_reg_interval == 0
+        g_reg_now = self.g_penalty and self.step_idx % lo.g_reg_interval == 0
+
+        # D phases.
+        for k in range(n_critic):
+            real = self._to_float(reals[k])
+            keep_graph = reuse and k == n_critic - 1
+            fake = self._generate(latents[k], with_grad=keep_graph)
+            self._phase_D_main(real, fake.detach(), gen, with_reg=d_reg_now and not self.d_reg_lazy)
+            if d_reg_now and self.d_reg_lazy and k == n_critic - 1:
+                self._phase_D_reg(real, fake.detach(), gen)
+
+        # G phases.
+        if not reuse:
+            fake = self._generate(latents[n_critic], with_grad=True)
+        self._phase_G_main(fake, gen, with_reg=g_reg_now and not self.g_reg_lazy)
+        if g_reg_now and self.g_reg_lazy:
+            self._phase_G_reg(gen)
+
+        # G_ema.
+        step_nimg = self.cfg.train.batch * n_critic
+        self.cur_nimg += step_nimg
+        self.step_idx += 1
+        t = self.cfg.train
+        self.G_ema.update(self.G_module, ema_beta(step_nimg, self.cur_nimg, t.ema_kimg, t.ema_rampup))
+
+    def _to_float(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        return x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.float()
+
+    def _generate(self, z: torch.Tensor, with_grad: bool) -> torch.Tensor:
+        # With grad through the DDP wrapper (its backward will come in G_main); without, the plain module.
+        with torch.set_grad_enabled(with_grad), self.precision.autocast():
+            return (self.G if with_grad else self.G_module)(z)
+
+    # ------------------------------------------------------------------ phases
+
+    def _phase_D_main(self, real, fake, gen, with_reg: bool) -> None:
+        self.D_module.requires_grad_(True)
+        lo = self.cfg.loss
+        if with_reg and lo.r1_gamma > 0:
+            real = real.detach().requires_grad_(True)
+        with self.precision.autocast():
+            real_logits = self.D(real)  # [B]
+            fake_logits = self.D(fake)  # [B]
+        loss = self.loss.d_loss(real_logits.float(), fake_logits.float())
+        self.stats.report("Loss/D/main", loss)
+        self.stats.report("D/real_logit", real_logits)
+        self.stats.report("D/fake_logit", fake_logits)
+        if with_reg:
+            loss = loss + self._d_penalties(real, real_logits, fake, gen, gain=1)
+        self._optimize("D", loss, self.opt_D, self.scaler_D, self.D_module)
+
+    def _phase_D_reg(self, real, fake, gen) -> None:
+        self.D_module.requires_grad_(True)
+        real = real.detach().requires_grad_(True)
+        real_logits = None
+        if self.cfg.loss.r1_gamma > 0:
+            with self.precision.autocast():
+                real_logits = self.D(real)
+        loss = self._d_penalties(real, real_logits, fake, gen, gain=self.cfg.loss.d_reg_interval)
+        self._optimize("D", loss, self.opt_D, self.scaler_D, self.D_module)
+
+    def _d_penalties(self, real, real_logits, fake, gen, gain: int) -> torch.Tensor:
+        # gain = the regularisation interval: a penalty applied every N steps weighs N times as much.
+        lo = self.cfg.loss
+        scale = self.precision.loss_scale(self.scaler_D)
+        total = torch.zeros([], device=self.device)
+        if lo.r1_gamma > 0:
+            r1 = r1_penalty(input_gradients(real_logits, real, scale))  # [B]
+            self.stats.report("Loss/D/r1", r1)
+            # `real_logits * 0` ties every D parameter into this backward, as DDP requires.
+            total = total + r1.mean() * (lo.r1_gamma / 2) * gain + real_logits.float().mean() * 0
+        if lo.gp_weight > 0:
+            u = torch.rand([real.shape[0], 1, 1, 1], generator=gen, device=self.device)
+            x_hat = torch.lerp(real.detach(), fake.detach().float(), u).requires_grad_(True)
+            with self.precision.autocast():
+                logits = self.D(x_hat)
+            gp = gradient_penalty(input_gradients(logits, x_hat, scale))  # [B]
+            self.stats.report("Loss/D/gp", gp)
+            total = total + gp.mean() * lo.gp_weight * gain + logits.float().mean() * 0
+        return total
+
+    def _phase_G_main(self, fake, gen, with_reg: bool) -> None:
+        self.D_module.requires_grad_(False)  # D is frozen: G's backward must not touch D's gradients
+        with self.precision.autocast():
+            fake_logits = self.D_module(fake)
+        loss = self.loss.g_loss(fake_logits.float())
+        self.stats.report("Loss/G/main", loss)
+        if with_reg:
+            loss = loss + self._g_penalty(gen, gain=1)
+        self._optimize("G", loss, self.opt_G, self.scaler_G, self.G_module)
+        self.D_module.requires_grad_(True)
+
+    def _phase_G_reg(self, gen) -> None:
+        self.D_module.requires_grad_(False)
+        loss = self._g_penalty(gen, gain=self.cfg.loss.g_reg_interval)
+        self._optimize("G", loss, self.opt_G, self.scaler_G, self.G_module)
+        self.D_module.requires_grad_(True)
+
+    def _g_penalty(self, gen, gain: int) -> torch.Tensor:
+        # Path length on the latent: ||J_G(z)^T y|| for random unit-variance image directions y should stay
+        # near its running mean, so equal steps in z make equal changes in the image.
+        lo, m = self.cfg.loss, self.cfg.model
+        z = torch.randn([self.batch_local, m.z_dim], generator=gen, device=self.device).requires_grad_(True)
+        with self.precision.autocast():
+            img = self.G(z)  # [B, C, H, W]
+        y = torch.randn(img.shape, generator=gen, device=self.device) / math.sqrt(img.shape[2] * img.shape[3])
+        lengths = path_lengths(input_gradients(img.float() * y, z, self.precision.loss_scale(self.scaler_G)))
+        batch_mean = self.dist.all_reduce_mean(lengths.detach().mean().clone())  # the same on every rank
+        self.pl_mean.lerp_(batch_mean, lo.pl_decay)
+        penalty = (lengths - self.pl_mean).square()
+        self.stats.report("Loss/G/pl", penalty)
+        self.stats.report("G/pl_mean", self.pl_mean)
+        return penalty.mean() * lo.pl_weight * gain + img.float().mean() * 0
+
+    def _optimize(self, net: str, loss, opt, scaler, module) -> None:
+        """Backward (one gradient all-reduce under DDP), unscale, step through the scaler, update it."""
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        self.stats.report(f"{net}/grad_norm", norm)
+        if scaler.is_enabled():
+            # The scaler skips the step exactly when a gradient is inf/nan, i.e. when the norm is.
+            self.stats.report(f"{net}/skipped", (~torch.isfinite(norm)).float())
+            self.stats.report(f"{net}/loss_scale", scaler.get_scale())
+        scaler.step(opt)
+        scaler.update()
+
+    # ================================================================== the loop
+
+    def draw(self):
+        """The next step's inputs: reals from the stream, latents and a generator from (seed, rank, cur_nimg)."""
+        t, lo = self.cfg.train, self.cfg.loss
+        reals = torch.stack([next(self.stream) for _ in range(lo.n_critic)])  # [n_critic, B_local, C, H, W]
+        gen = rng.generator(t.seed, rng.STEP, self.dist.rank, self.cur_nimg, device=self.device)
+        n_z = lo.n_critic + (0 if t.reuse_fake else 1)
+        latents = torch.randn([n_z, self.batch_local, self.cfg.model.z_dim], generator=gen, device=self.device)
+        return reals, latents, gen
+
+    def fit(self, tracker: Tracker | None = None) -> dict[str, float]:
+        """Train until `train.total_kimg`, with logs, samples and checkpoints on the way; returns the summary."""
+        t = self.cfg.train
+        self.tracker = tracker or NullTracker()
+        total_nimg = round(t.total_kimg * 1000)
+        every = {
+            "log": max(1, round(t.log_every_kimg * 1000)),
+            "sample": max(1, round(t.sample_every_kimg * 1000)),
+            "ckpt": max(1, round(t.ckpt_every_kimg * 1000)),
+        }
+        ckpts = CheckpointManager(self.run_dir, keep=t.keep_ckpts) if self.run_dir else None
+
+        # Fixed latents for the sample grids: the same for the whole run, across resumes.
+        self.fixed_z = torch.randn(
+            [t.sample_num, self.cfg.model.z_dim], generator=rng.generator(t.seed, rng.SAMPLES)
+        ).to(self.device)
+        if self.run_dir is not None and self.dist.is_main and self.cur_nimg == 0:
+            self._write_reals_grid()
+            self._write_samples()
+
+        start_nimg, start_time = self.cur_nimg, time.time()
+        self._tick = (self.cur_nimg, time.time())
+        last_stats: dict[str, float] = {}
+        if self.console is not None:
+            self.console.start_bar(t.total_kimg, self.cur_nimg / 1000)
+        while self.cur_nimg < total_nimg:
+            prev = self.cur_nimg
+            self.train_step(*self.draw())
+            done = self.cur_nimg >= total_nimg
+            # An interval is due when this step crossed one of its multiples (and everything at the end).
+            due = {name: done or prev // n != self.cur_nimg // n for name, n in every.items()}
+
+            if due["log"]:
+                last_stats = self._log_tick(total_nimg)
+            if due["sample"] or due["ckpt"]:
+                self.sync_buffers()
+            if self.run_dir is not None and due["sample"] and self.dist.is_main:
+                self._write_samples()
+            if ckpts is not None and due["ckpt"]:
+                self.save_checkpoint(ckpts)
+            if self.console is not None:
+                self.console.advance(self.cur_nimg / 1000, _short(last_stats) if due["log"] else None)
+        if self.console is not None:
+            self.console.close_bar()
+
+        wall = time.time() - start_time
+        return {
+            "kimg": self.cur_nimg / 1000,
+            "wall_s": wall,
+            "img_per_sec": (self.cur_nimg - start_nimg) / max(wall, 1e-9),
+            **last_stats,
+        }
+
+    def _log_tick(self, total_nimg: int) -> dict[str, float]:
+        values = self.stats.reduce(self.dist)  # collective: every rank
+        now = time.time()
+        nimg0, t0 = self._tick
+        self._tick = (self.cur_nimg, now)
+        img_s = (self.cur_nimg - nimg0) / max(now - t0, 1e-9)
+        values.update(
+            {
+                "Progress/step": self.step_idx,
+                "Timing/img_per_sec": img_s,
+                "Timing/sec_per_kimg": 1000 / max(img_s, 1e-9),
+                "Timing/eta_min": (total_nimg - self.cur_nimg) / max(img_s, 1e-9) / 60,
+                "Memory/peak_gb": _peak_memory_gb(self.device),
+            }
+        )
+        if self.dist.is_main:
+            kimg = self.cur_nimg / 1000
+            if self.run_dir is not None:
+                _append_jsonl(self.run_dir / "stats.jsonl", {"kimg": kimg, "nimg": self.cur_nimg, **values})
+            self.tracker.log(values, kimg)
+        return values
+
+    @torch.no_grad()
+    def sync_buffers(self) -> None:
+        """Average BatchNorm running statistics over ranks, before a snapshot uses them (a collective).
+
+        DDP does not broadcast buffers before each forward (see distributed.py): in training mode they do not
+        affect the output, and each rank's running stats track its own batches. Averaging them here gives
+        the snapshot the estimate of all ranks' data, and identical buffers on every rank.
+        """
+        if self.dist.world_size == 1:
+            return
+        bufs = [b for m in (self.G_module, self.D_module) for b in m.buffers() if b.is_floating_point()]
+        if bufs:
+            packed = self.dist.all_reduce_mean(torch.cat([b.flatten() for b in bufs]))
+            for b, new in zip(bufs, packed.split([b.numel() for b in bufs])):
+                b.copy_(new.view_as(b))
+        for b_ema, b in zip(self.G_ema.module.buffers(), self.G_module.buffers()):
+            b_ema.copy_(b)
+
+    @torch.no_grad()
+    def sample(self, z: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+        """Images from the EMA generator: [N, C, H, W] in [-1, 1]."""
+        return torch.cat([self.G_ema.module(part) for part in z.split(chunk)])
+
+    def _write_samples(self) -> Path:
+        from torchvision.utils import save_image
+
+        path = self.run_dir / "samples" / f"fakes-{self.cur_nimg:09d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        images = self.sample(self.fixed_z).float().cpu()
+        save_image(images, path, nrow=_grid_cols(len(images)), normalize=True, value_range=(-1, 1))
+        self.tracker.log_image("Samples/fakes", path, self.cur_nimg / 1000)
+        return path
+
+    def _write_reals_grid(self) -> None:
+        from torchvision.utils import save_image
+
+        path = self.run_dir / "samples" / "reals.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        n = self.cfg.train.sample_num
+        images = self.stream.peek(n) if hasattr(self.stream, "peek") else None
+        if images is not None:
+            save_image(images.float() / 255, path, nrow=_grid_cols(len(images)))
+
+    # ================================================================== state
+
+    def state_dict(self) -> dict:
+        return {
+            "format": STATE_FORMAT,
+            "G": self.G_module.state_dict(),
+            "D": self.D_module.state_dict(),
+            "G_ema": self.G_ema.state_dict(),
+            "opt_G": self.opt_G.state_dict(),
+            "opt_D": self.opt_D.state_dict(),
+            "scaler_G": self.scaler_G.state_dict(),
+            "scaler_D": self.scaler_D.state_dict(),
+            "cur_nimg": self.cur_nimg,
+            "step": self.step_idx,
+            "pl_mean": self.pl_mean.detach().cpu(),
+            "stream": self.stream.state_dict(),
+            "world_size": self.dist.world_size,
+            "config": self.cfg.to_dict(),
+            "tracker_run_id": self.tracker.run_id,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.G_module.load_state_dict(state["G"])
+        self.D_module.load_state_dict(state["D"])
+        self.G_ema.load_state_dict(state["G_ema"])
+        self.opt_G.load_state_dict(state["opt_G"])
+        self.opt_D.load_state_dict(state["opt_D"])
+        if state["scaler_G"]:  # empty when the run that saved it did not scale
+            self.scaler_G.load_state_dict(state["scaler_G"])
+        if state["scaler_D"]:
+            self.scaler_D.load_state_dict(state["scaler_D"])
+        self.cur_nimg = int(state["cur_nimg"])
+        self.step_idx = int(state["step"])
+        self.pl_mean.copy_(state["pl_mean"])
+        self.stream.load_state_dict(state["stream"])
+
+    def save_checkpoint(self, ckpts: CheckpointManager) -> Path | None:
+        """Rank 0 writes; every rank waits until it is committed."""
+        path = ckpts.save(self.state_dict(), self.cur_nimg) if self.dist.is_main else None
+        self.dist.barrier()
+        return path
+
+
+def _short(values: dict[str, float]) -> dict[str, str]:
+    """The few numbers the progress bar shows."""
+    keys = {"Timing/img_per_sec": "img/s", "Loss/D/main": "D", "Loss/G/main": "G"}
+    return {label: f"{values[k]:.3g}" for k, label in keys.items() if k in values}
+
+
+def _grid_cols(n: int) -> int:
+    return max(1, int(math.ceil(math.sqrt(n))))
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    import json
+
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")

@@ -1,0 +1,55 @@
+"""Shared test plumbing.
+
+Skips: a test that needs something this machine lacks calls `require(ok, reason)`. On a developer's machine
+that skips with the reason; in CI (CI=true) it fails, and any other skip makes the session fail too: in CI
+a skipped test never counts as passing.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent  # the venv's bin: distgan, torchrun, accelerate
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require(ok: bool, reason: str) -> None:
+    if not ok:
+        if IN_CI:
+            pytest.fail(f"required in CI: {reason}")
+        pytest.skip(reason)
+
+
+def pytest_configure(config):
+    for marker in ("dist: starts several processes", "slow: takes more than ~20 s", "integration: runs the CLI"):
+        config.addinivalue_line("markers", marker)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    skipped = terminalreporter.stats.get("skipped", [])
+    if IN_CI and skipped:
+        terminalreporter.write_line(f"CI: {len(skipped)} test(s) skipped; skips are failures in CI", red=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if IN_CI and reporter is not None and reporter.stats.get("skipped") and exitstatus == 0:
+        session.exitstatus = 1
+
+
+@pytest.fixture
+def repo() -> Path:
+    return REPO
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """Environment for a CLI subprocess: no W&B network, no user accelerate config, unbuffered output."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ACCELERATE_"))}
+    env.update(WANDB_MODE="offline", PYTHONUNBUFFERED="1", HF_HOME=str(REPO / ".pytest_cache" / "hf"))
+    env.update(extra)
+    return env

@@ -1,0 +1,142 @@
+"""Two real gloo processes training one model together (the launcher-free core of every multi-process run).
+
+Each test includes the control that would make it fail: without gradient sync the ranks diverge, and a
+2-rank step differs from a 1-rank step on a different batch split.
+"""
+
+import pytest
+import torch
+
+from support import flat, make_trainer, run_ranks
+
+pytestmark = pytest.mark.dist
+
+NO_BN = ("model.norm=none",)
+
+
+def _one_step(rank, world, overrides, reals, latents, sync):
+    # reals: [1, 2B, C, H, W] and latents: [1, 2B, z] for the global batch; each rank takes its slice.
+    from distgan import rng
+
+    tr = make_trainer(*overrides, "train.batch=" + str(reals.shape[1]))
+    b = reals.shape[1] // world
+    sl = slice(rank * b, (rank + 1) * b)
+    gen = rng.generator(0, rank)
+    if sync:
+        tr.train_step(reals[:, sl], latents[:, sl], gen)
+    else:
+        with tr.dist.no_sync(tr.G), tr.dist.no_sync(tr.D):
+            tr.train_step(reals[:, sl], latents[:, sl], gen)
+    return {"G": flat(tr.G_module), "D": flat(tr.D_module), "G0": None}
+
+
+def _global_inputs(batch=16):
+    g = torch.Generator().manual_seed(7)
+    reals = (torch.rand([1, batch, 3, 32, 32], generator=g) * 255).to(torch.uint8)
+    latents = torch.randn([1, batch, 16], generator=g)
+    return reals, latents
+
+
+def test_two_ranks_batch_b_equal_one_rank_batch_2b():
+    reals, latents = _global_inputs()
+    [single] = run_ranks(_one_step, 1, NO_BN, reals, latents, True)
+    two = run_ranks(_one_step, 2, NO_BN, reals, latents, True)
+    init = make_trainer(*NO_BN)
+    for net in ("G", "D"):
+        assert not torch.equal(single[net], flat(getattr(init, net + "_module")))  # the step did change it
+        assert torch.equal(two[0][net], two[1][net])  # ranks agree bit for bit
+        torch.testing.assert_close(two[0][net], single[net], rtol=1e-5, atol=1e-6)
+    # Control: the same 2-rank step without gradient all-reduce is not the 1-rank step.
+    unsynced = run_ranks(_one_step, 2, NO_BN, reals, latents, False)
+    assert not torch.allclose(unsynced[0]["G"], single["G"], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(unsynced[0]["D"], unsynced[1]["D"])
+
+
+def _several_steps(rank, world, overrides, steps, sync):
+    tr = make_trainer(*overrides)
+    for _ in range(steps):
+        if sync:
+            tr.train_step(*tr.draw())
+        else:
+            with tr.dist.no_sync(tr.G), tr.dist.no_sync(tr.D):
+                tr.train_step(*tr.draw())
+    out = {"G": flat(tr.G_module), "D": flat(tr.D_module), "G_ema": flat(tr.G_ema.module)}
+    buffers = lambda: torch.cat([b.flatten().float() for b in [*tr.G_module.buffers(), *tr.D_module.buffers()]])
+    out["buffers_before_sync"] = buffers()
+    tr.sync_buffers()  # what every snapshot does
+    out["buffers"] = buffers()
+    return out
+
+
+@pytest.mark.parametrize("overrides", [(), ("loss.r1_gamma=1", "loss.d_reg_interval=2", "train.precision=bf16",
+                                             "loss.pl_weight=1", "loss.g_reg_interval=2", "loss.n_critic=2")],
+                         ids=["dcgan", "r1+pl+bf16+ncritic"])
+def test_parameters_identical_across_ranks_and_diverge_without_sync(overrides):
+    synced = run_ranks(_several_steps, 2, overrides, 4, True)
+    for net in ("G", "D", "G_ema"):
+        assert torch.equal(synced[0][net], synced[1][net]), net
+    # BatchNorm running stats follow each rank's own batches until a snapshot averages them.
+    assert not torch.equal(synced[0]["buffers_before_sync"], synced[1]["buffers_before_sync"])
+    assert torch.equal(synced[0]["buffers"], synced[1]["buffers"])
+    torch.testing.assert_close(synced[0]["buffers"], (synced[0]["buffers_before_sync"]
+                                                      + synced[1]["buffers_before_sync"]) / 2)
+    unsynced = run_ranks(_several_steps, 2, overrides, 4, False)
+    for net in ("G", "D"):
+        assert not torch.equal(unsynced[0][net], unsynced[1][net]), net
+
+
+def _count_syncs(rank, world, overrides, steps):
+    # A DDP communication hook sees every gradient bucket all-reduce: count them per network.
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    tr = make_trainer(*overrides)
+    counts = {"G": 0, "D": 0}
+
+    def counting(name):
+        def hook(state, bucket):
+            counts[name] += 1
+            return allreduce_hook(state, bucket)
+        return hook
+
+    tr.G.register_comm_hook(None, counting("G"))
+    tr.D.register_comm_hook(None, counting("D"))
+    for _ in range(steps):
+        tr.train_step(*tr.draw())
+    return counts
+
+
+def test_gradients_synced_once_per_phase():
+    # The smoke networks fit in one DDP bucket, so one phase = one all-reduce.
+    assert run_ranks(_count_syncs, 2, (), 3) == [{"G": 3, "D": 3}] * 2
+    # n_critic=2 and lazy R1 every 2nd step (steps 0 and 2): D 3*2 main + 2 reg; G unchanged.
+    over = ("loss.n_critic=2", "loss.r1_gamma=1", "loss.d_reg_interval=2")
+    assert run_ranks(_count_syncs, 2, over, 3)[0] == {"G": 3, "D": 8}
+    # Penalties folded into the main step (interval 1) add no sync.
+    over = ("loss.r1_gamma=1", "loss.d_reg_interval=1", "loss.pl_weight=1", "loss.g_reg_interval=1")
+    assert run_ranks(_count_syncs, 2, over, 3)[0] == {"G": 3, "D": 3}
+
+
+def _fp16_overflow_on_one_rank(rank, world):
+    tr = make_trainer("train.precision=fp16")
+    tr.scaler_G = torch.amp.GradScaler("cpu", init_scale=8.0)
+    tr.scaler_D = torch.amp.GradScaler("cpu", init_scale=8.0)
+    reals, latents, gen = tr.draw()
+    tr.train_step(reals, latents, gen)  # a normal step at a safe scale
+    before = {"G": flat(tr.G_module), "D": flat(tr.D_module)}
+    reals, latents, gen = tr.draw()
+    reals = tr._to_float(reals)
+    if rank == 1:
+        reals[0, 0] = 1e30  # only rank 1's D sees a poisoned real image -> inf gradients there
+    tr.train_step(reals, latents, gen)
+    stats = tr.stats.reduce(tr.dist)
+    return {"D_same": torch.equal(before["D"], flat(tr.D_module)), "G_same": torch.equal(before["G"], flat(tr.G_module)),
+            "D_scale": tr.scaler_D.get_scale(), "G_scale": tr.scaler_G.get_scale(), "D": flat(tr.D_module),
+            "G": flat(tr.G_module), "D_skipped": stats["D/skipped"]}
+
+
+def test_fp16_overflow_on_one_rank_skips_on_every_rank():
+    r0, r1 = run_ranks(_fp16_overflow_on_one_rank, 2)
+    for r in (r0, r1):
+        assert r["D_same"] and r["D_scale"] == 4.0  # D skipped and backed off, on both ranks
+        assert not r["G_same"] and r["G_scale"] == 8.0  # G's own scaler saw no overflow and stepped
+    assert torch.equal(r0["D"], r1["D"]) and torch.equal(r0["G"], r1["G"])
