@@ -32,8 +32,8 @@ test: install
 	$(PY) -m pytest
 
 lint: install
-	$(VENV)/bin/ruff check distgan tests benchmarks
-	$(VENV)/bin/ruff format --check distgan tests benchmarks
+	$(VENV)/bin/ruff check distgan tests
+	$(VENV)/bin/ruff format --check distgan tests
 
 bench: install
 	$(VENV)/bin/distgan bench train --config $(CONFIG)

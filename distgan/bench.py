@@ -5,7 +5,8 @@
 Part 1, framework cost: distgan's training step (Trainer.train_step with its data draw, phases, EMA and stats)
 against a plain eager PyTorch loop of the same networks, batch and optimizer hyper-parameters, written the way
 pytorch/examples/dcgan writes it. The two alternate in rounds (framework, plain, framework, plain, ...) and each
-reports its median; peak memory is measured per segment. Target: ratio >= 1.0.
+reports its median; "step memory" is the peak during a segment above the memory in use when it started
+(activations and temporaries; the weights of both live in the process throughout). Target: ratio >= 1.0.
 
 Part 2, scaling: img/s of 2 processes with 1 thread each against 1 process with 1 thread (gloo on CPU, NCCL on
 GPUs), each process keeping the per-process batch of part 1 (weak scaling: 2 processes train on twice the
@@ -62,41 +63,66 @@ def bench_framework(cfg, steps: int, warmup: int, repeats: int, threads: int) ->
     import torch
 
     from distgan import distributed
-    from distgan.data import ArrayStream, load_images
-    from distgan.trainer import Trainer
 
     dist = distributed.setup(cfg.train.precision, threads=threads)
-    images = load_images(cfg)
-    trainer = Trainer(cfg, dist, ArrayStream(images, cfg.train.batch, 0, 1, cfg.train.seed))
-    plain_step = plain_loop(cfg, images, dist.device)
-
-    def framework_step():
-        trainer.train_step(*trainer.draw())
-
+    steppers = make_steppers(cfg, dist)
     batch = cfg.train.batch * cfg.loss.n_critic
-    results = {"distgan": [], "plain": []}
-    memory = {"distgan": 0.0, "plain": 0.0}
-    for fn in (framework_step, plain_step):
+    results: dict[str, list[float]] = {name: [] for name in steppers}
+    for fn in steppers.values():
         for _ in range(warmup):
             fn()
     for _ in range(repeats):
-        for name, fn in (("distgan", framework_step), ("plain", plain_step)):
-            reset_peak_memory(dist.device)
+        for name, fn in steppers.items():
             results[name].append(timed(fn, steps, dist.device))
-            memory[name] = max(memory[name], peak_memory_mb(dist.device))
+    dist.close()
+    # Memory in fresh processes, one per variant: a process's peak cannot be attributed within a shared one.
+    memory = {name: run_local(1, _memory_child, cfg, name, threads, warmup + steps)[0] for name in steppers}
+
     ips = {name: batch / statistics.median(times) for name, times in results.items()}
     ratio = ips["distgan"] / ips["plain"]
     print(
         f"bench train: {cfg.name}, batch {cfg.train.batch}, {cfg.model.resolution}px, "
         f"precision {cfg.train.precision}, {threads} thread(s), device {dist.device}, torch {torch.__version__}"
     )
-    for name in ("distgan", "plain"):
+    for name in steppers:
         spread = ", ".join(f"{batch / t:.0f}" for t in results[name])
-        print(f"  {name:<8} {ips[name]:8.1f} img/s   peak memory {memory[name]:8.1f} MB   (rounds: {spread})")
+        peak, growth = memory[name]
+        print(
+            f"  {name:<8} {ips[name]:8.1f} img/s   peak memory {peak:7.1f} MB "
+            f"({growth:+.1f} MB while training)   (rounds: {spread})"
+        )
     met = ratio >= TARGET_RATIO
     print(f"  ratio distgan/plain: {ratio:.3f}   target >= {TARGET_RATIO}: {'met' if met else 'MISSED'}")
-    dist.close()
     return met
+
+
+def make_steppers(cfg, dist, names=("distgan", "plain")) -> dict:
+    """{"distgan": one Trainer step, "plain": one textbook step}, on the same data and device."""
+    from distgan.data import ArrayStream, load_images
+    from distgan.trainer import Trainer
+
+    images = load_images(cfg)
+    out = {}
+    for name in names:
+        if name == "distgan":
+            trainer = Trainer(cfg, dist, ArrayStream(images, cfg.train.batch, 0, 1, cfg.train.seed))
+            out[name] = lambda trainer=trainer: trainer.train_step(*trainer.draw())
+        else:
+            out[name] = plain_loop(cfg, images, dist.device)
+    return out
+
+
+def _memory_child(rank, world, cfg, name: str, threads: int, steps: int) -> tuple[float, float]:
+    """(peak, growth) in MB of a fresh process that builds one variant and trains it `steps` steps."""
+    from distgan import distributed
+
+    dist = distributed.setup(cfg.train.precision, threads=threads)
+    [fn] = make_steppers(cfg, dist, [name]).values()
+    base = current_memory_mb(dist.device)
+    for _ in range(steps):
+        fn()
+    peak = peak_memory_mb(dist.device)
+    return peak, peak - base
 
 
 def plain_loop(cfg, images, device):
@@ -145,34 +171,29 @@ def timed(fn, steps: int, device) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def reset_peak_memory(device) -> None:
+def current_memory_mb(device) -> float:
     import torch
 
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:  # Linux: writing 5 to clear_refs resets the process's peak resident set (VmHWM)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
+        return torch.cuda.memory_allocated(device) / 2**20
+    return _proc_status_mb("VmRSS")
 
 
 def peak_memory_mb(device) -> float:
+    """Peak since the process started: CUDA allocator's allocated bytes, or the CPU resident set (VmHWM)."""
     import torch
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
+    return _proc_status_mb("VmHWM")
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+def _proc_status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 # ---------------------------------------------------------------------- part 2
@@ -183,55 +204,63 @@ def bench_scaling(cfg, steps: int, warmup: int, repeats: int) -> bool:
     rounds: dict[int, list[float]] = {1: [], 2: []}
     for _ in range(repeats):
         for world in (1, 2):
-            rounds[world].append(_spawn(world, cfg, per_rank, steps, warmup))
+            rates = run_local(world, _scaling_child, cfg, per_rank, steps, warmup)
+            rounds[world].append(rates[0])  # every rank measures the same global rate
     ips = {w: statistics.median(v) for w, v in rounds.items()}
     speedup = ips[2] / ips[1]
     print(f"bench scaling: {per_rank} images per process per step, 1 thread per process")
     for w in (1, 2):
-        print(
-            f"  {w} process{'es' if w > 1 else '  '} {ips[w]:8.1f} img/s   (rounds: "
-            + ", ".join(f"{x:.0f}" for x in rounds[w])
-            + ")"
-        )
+        label = "1 process  " if w == 1 else f"{w} processes"
+        print(f"  {label} {ips[w]:8.1f} img/s   (rounds: " + ", ".join(f"{x:.0f}" for x in rounds[w]) + ")")
     met = speedup >= TARGET_SPEEDUP
     print(f"  speed-up 2 vs 1: {speedup:.2f}x   target >= {TARGET_SPEEDUP}x: {'met' if met else 'MISSED'}")
     return met
 
 
-def _spawn(world: int, cfg, per_rank: int, steps: int, warmup: int) -> float:
-    """Global img/s of `world` local processes training `cfg` (rank 0's timing)."""
+def _scaling_child(rank, world, cfg, per_rank, steps, warmup) -> float:
+    """Global img/s of this process's group training `cfg` with `per_rank` images per process."""
+    from distgan import distributed
+    from distgan.data import ArrayStream, load_images
+    from distgan.trainer import Trainer
+
+    cfg.train.batch = per_rank * world
+    dist = distributed.setup(cfg.train.precision, threads=1)
+    trainer = Trainer(cfg, dist, ArrayStream(load_images(cfg), cfg.train.batch, rank, world, cfg.train.seed))
+    for _ in range(warmup):
+        trainer.train_step(*trainer.draw())
+    dist.barrier()
+    sec = timed(lambda: trainer.train_step(*trainer.draw()), steps, dist.device)
+    dist.close()
+    return cfg.train.batch * cfg.loss.n_critic / sec
+
+
+def run_local(world: int, fn, *args, timeout: float = 900) -> list:
+    """[fn(rank, world, *args) for each rank], each in a fresh process of one local process group."""
     import multiprocessing as mp
     import socket
-
-    from distgan.config import to_yaml
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [
-        ctx.Process(target=_rank_main, args=(r, world, port, to_yaml(cfg), per_rank, steps, warmup, queue))
-        for r in range(world)
-    ]
+    procs = [ctx.Process(target=_child, args=(fn, r, world, port, args, queue)) for r in range(world)]
     for p in procs:
         p.start()
     try:
-        results = [queue.get(timeout=600) for _ in range(world)]
+        results = dict(queue.get(timeout=timeout) for _ in range(world))
     finally:
         for p in procs:
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
-    errors = [r for r in results if isinstance(r, str)]
+    errors = [v for v in results.values() if isinstance(v, BaseException)]
     if errors:
-        raise RuntimeError("a benchmark rank failed:\n" + errors[0])
-    return max(results)  # every rank reports the same global rate up to timer noise; take the first done
+        raise RuntimeError("a benchmark process failed") from errors[0]
+    return [results[r] for r in range(world)]
 
 
-def _rank_main(rank, world, port, cfg_yaml, per_rank, steps, warmup, queue):
-    import traceback
-
+def _child(fn, rank, world, port, args, queue):
     for key in [k for k in os.environ if k.startswith("ACCELERATE_")]:
         del os.environ[key]
     os.environ.update(
@@ -244,22 +273,9 @@ def _rank_main(rank, world, port, cfg_yaml, per_rank, steps, warmup, queue):
         OMP_NUM_THREADS="1",
     )
     try:
-        import yaml
+        queue.put((rank, fn(rank, world, *args)))
+    except BaseException as e:
+        import traceback
 
-        from distgan import distributed
-        from distgan.config import from_dict
-        from distgan.data import ArrayStream, load_images
-        from distgan.trainer import Trainer
-
-        cfg = from_dict(yaml.safe_load(cfg_yaml))
-        cfg.train.batch = per_rank * world
-        dist = distributed.setup(cfg.train.precision, threads=1)
-        trainer = Trainer(cfg, dist, ArrayStream(load_images(cfg), cfg.train.batch, rank, world, cfg.train.seed))
-        for _ in range(warmup):
-            trainer.train_step(*trainer.draw())
-        dist.barrier()
-        sec = timed(lambda: trainer.train_step(*trainer.draw()), steps, dist.device)
-        queue.put(cfg.train.batch * cfg.loss.n_critic / sec)
-        dist.close()
-    except BaseException:
-        queue.put(traceback.format_exc())
+        queue.put((rank, RuntimeError(traceback.format_exc())))
+        raise SystemExit(1) from e

@@ -28,25 +28,24 @@ class Console:
             with open(self.log_path, "a") as f:
                 f.write(msg + "\n")
 
-    def start_bar(self, total_kimg: float, cur_kimg: float) -> None:
+    def start_bar(self, total_nimg: int, cur_nimg: int) -> None:
         if not self.show_bar:
             return
         from tqdm import tqdm
 
         self._bar = tqdm(
-            total=round(total_kimg, 3),
-            initial=round(cur_kimg, 3),
-            unit="kimg",
+            total=total_nimg / 1000,
+            initial=min(cur_nimg, total_nimg) / 1000,
             dynamic_ncols=True,
             bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}{postfix}]",
         )
 
-    def advance(self, cur_kimg: float, postfix: dict[str, str] | None = None) -> None:
+    def advance(self, cur_nimg: int, postfix: dict[str, str] | None = None) -> None:
         if self._bar is None:
             return
-        self._bar.update(round(cur_kimg - self._bar.n, 3))
         if postfix is not None:
             self._bar.set_postfix(postfix, refresh=False)
+        self._bar.update(min(cur_nimg / 1000, self._bar.total) - self._bar.n)  # never past the total
 
     def close_bar(self) -> None:
         if self._bar is not None:

@@ -263,7 +263,7 @@ class Trainer:
         self._tick = (self.cur_nimg, time.time())
         last_stats: dict[str, float] = {}
         if self.console is not None:
-            self.console.start_bar(t.total_kimg, self.cur_nimg / 1000)
+            self.console.start_bar(total_nimg, self.cur_nimg)
         while self.cur_nimg < total_nimg:
             prev = self.cur_nimg
             self.train_step(*self.draw())
@@ -280,7 +280,7 @@ class Trainer:
             if ckpts is not None and due["ckpt"]:
                 self.save_checkpoint(ckpts)
             if self.console is not None:
-                self.console.advance(self.cur_nimg / 1000, _short(last_stats) if due["log"] else None)
+                self.console.advance(self.cur_nimg, _short(last_stats) if due["log"] else None)
         if self.console is not None:
             self.console.close_bar()
 
