@@ -34,9 +34,17 @@ class NullTracker(Tracker):
 
 
 def format_stats(values: dict[str, float], kimg: float) -> str:
-    parts = [f"kimg {kimg:.1f}"]
-    for name, v in values.items():
-        parts.append(f"{name} {v:.4g}")
+    """One console line: progress and speed first, then every other stat by name."""
+    parts = [f"kimg {kimg:.{1 if kimg >= 10 else 3}f}"]
+    if "Timing/img_per_sec" in values:
+        parts.append(f"img/s {values['Timing/img_per_sec']:.0f}")
+    if "Timing/eta_min" in values:
+        m = int(values["Timing/eta_min"] * 60 + 0.5)
+        parts.append(f"ETA {m // 3600}h{m // 60 % 60:02d}m" if m >= 3600 else f"ETA {m // 60}m{m % 60:02d}s")
+    if "Memory/peak_gb" in values:
+        parts.append(f"mem {values['Memory/peak_gb']:.2f}GB")
+    skip = ("Timing/", "Memory/", "Progress/")
+    parts += [f"{name} {v:.4g}" for name, v in sorted(values.items()) if not name.startswith(skip)]
     return "  ".join(parts)
 
 

@@ -1,9 +1,16 @@
 """Does the GAN learn? A short run on the built-in shapes must beat a calibrated quality threshold.
 
-Quality is the Fréchet distance between real and generated images in the feature space of a shape classifier
-the test trains itself (tests/quality.py). Calibration (see the README's "Measured" table and the issue note):
-the untrained generator scores far above the threshold, the run below it, and runs with a sign error in
-either loss or with G's step removed stay above it, so a broken step fails here.
+Quality is the Fréchet distance (FD) between real and generated images in the feature space of a shape
+classifier the test trains itself (tests/quality.py; 100% held-out accuracy). Calibration on a 2-core CPU,
+configs/default.yaml for 60 kimg (about a minute):
+
+    correct loop, three seeds             FD 129, 143, 145
+    untrained generator                   FD 2012
+    D loss with its sign flipped          FD 2685
+    G loss with its sign flipped          FD 3822
+    G's optimizer step removed            FD 2449
+
+The threshold of 250 sits 1.7x above the worst correct run and 8x below the best broken one.
 """
 
 import subprocess
