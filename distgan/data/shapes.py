@@ -71,11 +71,10 @@ def render(seed: int, index, resolution: int = 32) -> tuple[np.ndarray, np.ndarr
     """Images `index` of the dataset: uint8 [N, 3, res, res] and int64 labels [N]."""
     index = np.asarray(index, dtype=np.int64).reshape(-1)
     p = _params(seed, index)
-    n = len(index)
     size = p["size"].astype(np.float32)[:, None, None]  # radius, fraction of the side: [N, 1, 1]
     # Centre so the whole shape stays inside the frame.
-    cx = (size + (1 - 2 * size) * p["cx"].astype(np.float32)[:, None, None])
-    cy = (size + (1 - 2 * size) * p["cy"].astype(np.float32)[:, None, None])
+    cx = size + (1 - 2 * size) * p["cx"].astype(np.float32)[:, None, None]
+    cy = size + (1 - 2 * size) * p["cy"].astype(np.float32)[:, None, None]
     coords = ((np.arange(resolution) + 0.5) / resolution).astype(np.float32)  # pixel centres
     x, y = coords[None, None, :] - cx, coords[None, :, None] - cy  # [N, 1, res], [N, res, 1]
     u, v = np.broadcast_arrays(x / size, y / size)  # in units of the radius: [N, res, res]
