@@ -36,6 +36,7 @@ def fd_of(generator, z_dim, net, real_feats) -> float:
 
 
 def test_short_run_learns_shapes(tmp_path):
+    from distgan.checkpoint import CheckpointManager
     from distgan.config import from_dict
     from distgan.data import shapes
     from distgan.models import build_generator
@@ -60,7 +61,9 @@ def test_short_run_learns_shapes(tmp_path):
     reals, _ = shapes.generate(N, seed=0)
     real_feats = features(net, to_float(reals))
 
-    state = torch.load(tmp_path / "run" / "checkpoints" / f"ckpt-{KIMG * 1000:09d}" / "state.pt", weights_only=True)
+    final = CheckpointManager(tmp_path / "run").latest()  # the first multiple of the batch past KIMG
+    state = CheckpointManager.load(final)
+    assert state["cur_nimg"] >= KIMG * 1000
     cfg = from_dict(state["config"])
     trained = build_generator(cfg.model)
     trained.load_state_dict(state["G_ema"])
