@@ -11,7 +11,9 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
+import queue as queue_module
 import socket
+import time
 import traceback
 from pathlib import Path
 
@@ -81,14 +83,23 @@ def run_ranks(fn, world: int, *args, timeout: float = 180):
     for p in procs:
         p.start()
     results, errors = {}, []
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world):
-            rank, status, value = queue.get(timeout=timeout)
+        while len(results) < world and not errors:
+            try:
+                rank, status, value = queue.get(timeout=1)
+            except queue_module.Empty:
+                # A rank that died without reporting (killed, crashed at start) must not leave us waiting.
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
+                if dead:
+                    errors.append(f"rank {dead[0]} exited with code {procs[dead[0]].exitcode} without a result")
+                elif time.monotonic() > deadline:
+                    errors.append(f"no result within {timeout:.0f} s")
+                continue
             if status == "ok":
                 results[rank] = pickle.loads(value)
             else:
                 errors.append(f"rank {rank}:\n{value}")
-                break
     finally:
         for p in procs:
             p.join(timeout=1 if errors else 30)
