@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import queue as queue_module
 import statistics
 import sys
 import time
+
+from distgan.local_launch import run_local
 
 TARGET_RATIO = 1.0
 TARGET_SPEEDUP = 1.8
@@ -247,64 +248,3 @@ def _scaling_child(rank, world, cfg, per_rank, steps, warmup, together: bool) ->
     sec = timed(lambda: trainer.train_step(*trainer.draw()), steps, dist.device)
     dist.close()
     return cfg.train.batch * cfg.loss.n_critic / sec
-
-
-def run_local(world: int, fn, *args, timeout: float = 900) -> list:
-    """[fn(rank, world, *args) for each rank], each in a fresh process of one local process group."""
-    import multiprocessing as mp
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_child, args=(fn, r, world, port, args, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results: dict = {}
-    deadline = time.monotonic() + timeout
-    try:
-        while len(results) < world:
-            try:
-                rank, value = queue.get(timeout=1)
-                results[rank] = value
-            except queue_module.Empty:
-                # A process that died without reporting (killed, crashed at import) would leave us waiting.
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
-                if dead or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"benchmark process {dead[0]} exited with code {procs[dead[0]].exitcode}"
-                        if dead
-                        else f"benchmark processes did not finish within {timeout:.0f} s"
-                    ) from None
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    errors = [v for v in results.values() if isinstance(v, BaseException)]
-    if errors:
-        raise RuntimeError("a benchmark process failed") from errors[0]
-    return [results[r] for r in range(world)]
-
-
-def _child(fn, rank, world, port, args, queue):
-    for key in [k for k in os.environ if k.startswith("ACCELERATE_")]:
-        del os.environ[key]
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),
-        OMP_NUM_THREADS="1",
-    )
-    try:
-        queue.put((rank, fn(rank, world, *args)))
-    except BaseException as e:
-        import traceback
-
-        queue.put((rank, RuntimeError(traceback.format_exc())))
-        raise SystemExit(1) from e
