@@ -22,17 +22,24 @@ def ema_beta(batch: int, cur_nimg: int, ema_kimg: float, rampup: float) -> float
 
 
 class EMA:
-    """Holds `module`, a frozen copy of the generator whose parameters trail the live ones."""
+    """Holds `module`, a frozen copy of `source` (the live generator) whose parameters trail the live ones."""
 
     def __init__(self, source: nn.Module):
         self.module = copy.deepcopy(source).eval().requires_grad_(False)
+        # Parameter and buffer lists are fixed for the life of both modules: gather them once, not every step.
+        self._pairs_p = (list(self.module.parameters()), list(source.parameters()))
+        self._pairs_b = (list(self.module.buffers()), list(source.buffers()))
 
     @torch.no_grad()
-    def update(self, source: nn.Module, beta: float) -> None:
-        # ema = beta * ema + (1 - beta) * live; buffers (BatchNorm running stats) are copied as they are.
-        for p_ema, p in zip(self.module.parameters(), source.parameters()):
-            p_ema.lerp_(p.detach(), 1.0 - beta)
-        for b_ema, b in zip(self.module.buffers(), source.buffers()):
+    def update(self, beta: float) -> None:
+        """ema = beta * ema + (1 - beta) * live; buffers (BatchNorm running stats) are copied as they are."""
+        ema_p, live_p = self._pairs_p
+        torch._foreach_lerp_(ema_p, [p.detach() for p in live_p], 1.0 - beta)  # one fused call for all tensors
+        self.copy_buffers()
+
+    @torch.no_grad()
+    def copy_buffers(self) -> None:
+        for b_ema, b in zip(*self._pairs_b):
             b_ema.copy_(b)
 
     def state_dict(self) -> dict:

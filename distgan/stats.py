@@ -3,10 +3,10 @@
     stats.report("Loss/D/main", loss)   # a tensor or a float; no host sync, no collective
     values = stats.reduce(dist)          # once per interval: one all_reduce for everything, then reset
 
-Values are accumulated as (sum, count) tensors on the device, so reporting costs a few tensor operations and
-never stalls a GPU. The reduced value of a name is its mean over every finite report on every rank: a step
-that overflowed under fp16 (and was skipped by its loss scaler, see the `*/skipped` stats) does not turn a
-whole interval's mean into inf or nan.
+A report only keeps a detached reference to the value (a tensor's mean); the arithmetic waits for `reduce`,
+so reporting never stalls a GPU and costs next to nothing per step. The reduced value of a name is its mean
+over every finite report on every rank: a step that overflowed under fp16 (and was skipped by its loss
+scaler, see the `*/skipped` stats) does not turn a whole interval's mean into inf or nan.
 """
 
 from __future__ import annotations
@@ -17,28 +17,27 @@ import torch
 class Collector:
     def __init__(self, device: torch.device):
         self.device = device
-        self._acc: dict[str, torch.Tensor] = {}  # name -> [sum, count]
+        self._pending: dict[str, list[torch.Tensor]] = {}
 
     def report(self, name: str, value) -> None:
         if isinstance(value, torch.Tensor):
-            value = value.detach().float().mean().to(self.device)
+            value = value.detach()
+            value = value if value.ndim == 0 else value.float().mean()
         else:
-            value = torch.tensor(float(value), device=self.device)
-        finite = torch.isfinite(value)
-        entry = torch.stack([torch.where(finite, value, 0.0), finite.float()])
-        if name in self._acc:
-            self._acc[name] += entry
-        else:
-            self._acc[name] = entry
+            value = torch.tensor(float(value))
+        self._pending.setdefault(name, []).append(value)
 
     def reduce(self, dist) -> dict[str, float]:
         """Means over all ranks of everything reported since the last call (a collective: call on every rank)."""
         # Ranks may in principle have reported different names (a phase that ran on one only): agree first.
-        names = sorted(set().union(*dist.all_gather_object(sorted(self._acc))))
-        packed = torch.zeros(len(names), 2, device=self.device)
+        names = sorted(set().union(*dist.all_gather_object(sorted(self._pending))))
+        packed = torch.zeros(len(names), 2, device=self.device)  # [name, (sum of finite values, their count)]
         for i, name in enumerate(names):
-            if name in self._acc:
-                packed[i] = self._acc[name]
+            if name in self._pending:
+                values = torch.stack([v.to(self.device, torch.float32) for v in self._pending[name]])
+                finite = torch.isfinite(values)
+                packed[i, 0] = torch.where(finite, values, 0.0).sum()
+                packed[i, 1] = finite.sum()
         dist.all_reduce_sum(packed)
-        self._acc.clear()
+        self._pending.clear()
         return {name: s / c for name, (s, c) in zip(names, packed.cpu().tolist()) if c > 0}

@@ -65,6 +65,7 @@ class Trainer:
         # Distribute across processes: DDP (through Accelerate) when there are several.
         self.G, self.D = dist.wrap(G), dist.wrap(D)
         self.G_module, self.D_module = dist.unwrap(self.G), dist.unwrap(self.D)
+        self.params = {"G": list(self.G_module.parameters()), "D": list(self.D_module.parameters())}
 
         # One optimizer and one loss scaler per network.
         o = cfg.optim
@@ -84,7 +85,10 @@ class Trainer:
         # the effective step size and momentum horizon are unchanged (StyleGAN2, Karras et al. 2020, app. B).
         o = self.cfg.optim
         ratio = reg_interval / (reg_interval + 1) if reg_interval else 1.0
-        return torch.optim.Adam(module.parameters(), lr=lr * ratio, betas=(o.beta1**ratio, o.beta2**ratio), eps=o.eps)
+        # foreach: one fused call per update for all tensors (PyTorch only picks it by default on GPUs).
+        return torch.optim.Adam(
+            module.parameters(), lr=lr * ratio, betas=(o.beta1**ratio, o.beta2**ratio), eps=o.eps, foreach=True
+        )
 
     # ================================================================== one step
 
@@ -121,7 +125,7 @@ class Trainer:
         self.cur_nimg += step_nimg
         self.step_idx += 1
         t = self.cfg.train
-        self.G_ema.update(self.G_module, ema_beta(step_nimg, self.cur_nimg, t.ema_kimg, t.ema_rampup))
+        self.G_ema.update(ema_beta(step_nimg, self.cur_nimg, t.ema_kimg, t.ema_rampup))
 
     def _to_float(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
@@ -135,7 +139,7 @@ class Trainer:
     # ------------------------------------------------------------------ phases
 
     def _phase_D_main(self, real, fake, gen, with_reg: bool) -> None:
-        self.D_module.requires_grad_(True)
+        self._trainable_D(True)
         lo = self.cfg.loss
         if with_reg and lo.r1_gamma > 0:
             real = real.detach().requires_grad_(True)
@@ -148,17 +152,17 @@ class Trainer:
         self.stats.report("D/fake_logit", fake_logits)
         if with_reg:
             loss = loss + self._d_penalties(real, real_logits, fake, gen, gain=1)
-        self._optimize("D", loss, self.opt_D, self.scaler_D, self.D_module)
+        self._optimize("D", loss, self.opt_D, self.scaler_D)
 
     def _phase_D_reg(self, real, fake, gen) -> None:
-        self.D_module.requires_grad_(True)
+        self._trainable_D(True)
         real = real.detach().requires_grad_(True)
         real_logits = None
         if self.cfg.loss.r1_gamma > 0:
             with self.precision.autocast():
                 real_logits = self.D(real)
         loss = self._d_penalties(real, real_logits, fake, gen, gain=self.cfg.loss.d_reg_interval)
-        self._optimize("D", loss, self.opt_D, self.scaler_D, self.D_module)
+        self._optimize("D", loss, self.opt_D, self.scaler_D)
 
     def _d_penalties(self, real, real_logits, fake, gen, gain: int) -> torch.Tensor:
         # gain = the regularisation interval: a penalty applied every N steps weighs N times as much.
@@ -181,21 +185,21 @@ class Trainer:
         return total
 
     def _phase_G_main(self, fake, gen, with_reg: bool) -> None:
-        self.D_module.requires_grad_(False)  # D is frozen: G's backward must not touch D's gradients
+        self._trainable_D(False)  # D is frozen: G's backward must not touch D's gradients
         with self.precision.autocast():
             fake_logits = self.D_module(fake)
         loss = self.loss.g_loss(fake_logits.float())
         self.stats.report("Loss/G/main", loss)
         if with_reg:
             loss = loss + self._g_penalty(gen, gain=1)
-        self._optimize("G", loss, self.opt_G, self.scaler_G, self.G_module)
-        self.D_module.requires_grad_(True)
+        self._optimize("G", loss, self.opt_G, self.scaler_G)
+        self._trainable_D(True)
 
     def _phase_G_reg(self, gen) -> None:
-        self.D_module.requires_grad_(False)
+        self._trainable_D(False)
         loss = self._g_penalty(gen, gain=self.cfg.loss.g_reg_interval)
-        self._optimize("G", loss, self.opt_G, self.scaler_G, self.G_module)
-        self.D_module.requires_grad_(True)
+        self._optimize("G", loss, self.opt_G, self.scaler_G)
+        self._trainable_D(True)
 
     def _g_penalty(self, gen, gain: int) -> torch.Tensor:
         # Path length on the latent: ||J_G(z)^T y|| for random unit-variance image directions y should stay
@@ -213,12 +217,16 @@ class Trainer:
         self.stats.report("G/pl_mean", self.pl_mean)
         return penalty.mean() * lo.pl_weight * gain + img.float().mean() * 0
 
-    def _optimize(self, net: str, loss, opt, scaler, module) -> None:
+    def _trainable_D(self, flag: bool) -> None:
+        for p in self.params["D"]:
+            p.requires_grad_(flag)
+
+    def _optimize(self, net: str, loss, opt, scaler) -> None:
         """Backward (one gradient all-reduce under DDP), unscale, step through the scaler, update it."""
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
-        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        grads = [p.grad for p in self.params[net] if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads)
         self.stats.report(f"{net}/grad_norm", norm)
         if scaler.is_enabled():
@@ -329,8 +337,7 @@ class Trainer:
             packed = self.dist.all_reduce_mean(torch.cat([b.flatten() for b in bufs]))
             for b, new in zip(bufs, packed.split([b.numel() for b in bufs])):
                 b.copy_(new.view_as(b))
-        for b_ema, b in zip(self.G_ema.module.buffers(), self.G_module.buffers()):
-            b_ema.copy_(b)
+        self.G_ema.copy_buffers()
 
     @torch.no_grad()
     def sample(self, z: torch.Tensor, chunk: int = 256) -> torch.Tensor:

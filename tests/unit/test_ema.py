@@ -31,10 +31,10 @@ def test_update_averages_parameters_and_copies_buffers():
         for p in net.parameters():
             p.add_(1.0)
         net[1].running_mean.fill_(3.0)
-    ema.update(net, beta=0.75)
+    ema.update(beta=0.75)
     for p_old, p_ema, p in zip(old, ema.module.parameters(), net.parameters()):
         torch.testing.assert_close(p_ema, 0.75 * p_old + 0.25 * p)
     assert torch.equal(ema.module[1].running_mean, torch.full([2], 3.0))
-    ema.update(net, beta=0.0)
+    ema.update(beta=0.0)
     for p_ema, p in zip(ema.module.parameters(), net.parameters()):
         assert torch.equal(p_ema, p)
