@@ -311,7 +311,7 @@ class Trainer:
                 "Progress/step": self.step_idx,
                 "Timing/img_per_sec": img_s,
                 "Timing/sec_per_kimg": 1000 / max(img_s, 1e-9),
-                "Timing/eta_min": (total_nimg - self.cur_nimg) / max(img_s, 1e-9) / 60,
+                "Timing/eta_min": max(total_nimg - self.cur_nimg, 0) / max(img_s, 1e-9) / 60,
                 "Memory/peak_gb": _peak_memory_gb(self.device),
             }
         )
