@@ -1,4 +1,4 @@
-"""The adversarial step and the loop on one process (the 2-process behaviour is in tests/dist)."""
+"""The adversarial step and the loop on one process (the 2-process behaviour is in tests/distributed)."""
 
 import pytest
 import torch

@@ -61,16 +61,31 @@ def _several_steps(rank, world, overrides, steps, sync):
             with tr.dist.no_sync(tr.G), tr.dist.no_sync(tr.D):
                 tr.train_step(*tr.draw())
     out = {"G": flat(tr.G_module), "D": flat(tr.D_module), "G_ema": flat(tr.G_ema.module)}
-    buffers = lambda: torch.cat([b.flatten().float() for b in [*tr.G_module.buffers(), *tr.D_module.buffers()]])
+
+    def buffers():
+        return torch.cat([b.flatten().float() for b in [*tr.G_module.buffers(), *tr.D_module.buffers()]])
+
     out["buffers_before_sync"] = buffers()
     tr.sync_buffers()  # what every snapshot does
     out["buffers"] = buffers()
     return out
 
 
-@pytest.mark.parametrize("overrides", [(), ("loss.r1_gamma=1", "loss.d_reg_interval=2", "train.precision=bf16",
-                                             "loss.pl_weight=1", "loss.g_reg_interval=2", "loss.n_critic=2")],
-                         ids=["dcgan", "r1+pl+bf16+ncritic"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        (),
+        (
+            "loss.r1_gamma=1",
+            "loss.d_reg_interval=2",
+            "train.precision=bf16",
+            "loss.pl_weight=1",
+            "loss.g_reg_interval=2",
+            "loss.n_critic=2",
+        ),
+    ],
+    ids=["dcgan", "r1+pl+bf16+ncritic"],
+)
 def test_parameters_identical_across_ranks_and_diverge_without_sync(overrides):
     synced = run_ranks(_several_steps, 2, overrides, 4, True)
     for net in ("G", "D", "G_ema"):
@@ -78,8 +93,9 @@ def test_parameters_identical_across_ranks_and_diverge_without_sync(overrides):
     # BatchNorm running stats follow each rank's own batches until a snapshot averages them.
     assert not torch.equal(synced[0]["buffers_before_sync"], synced[1]["buffers_before_sync"])
     assert torch.equal(synced[0]["buffers"], synced[1]["buffers"])
-    torch.testing.assert_close(synced[0]["buffers"], (synced[0]["buffers_before_sync"]
-                                                      + synced[1]["buffers_before_sync"]) / 2)
+    torch.testing.assert_close(
+        synced[0]["buffers"], (synced[0]["buffers_before_sync"] + synced[1]["buffers_before_sync"]) / 2
+    )
     unsynced = run_ranks(_several_steps, 2, overrides, 4, False)
     for net in ("G", "D"):
         assert not torch.equal(unsynced[0][net], unsynced[1][net]), net
@@ -96,6 +112,7 @@ def _count_syncs(rank, world, overrides, steps):
         def hook(state, bucket):
             counts[name] += 1
             return allreduce_hook(state, bucket)
+
         return hook
 
     tr.G.register_comm_hook(None, counting("G"))
@@ -129,9 +146,15 @@ def _fp16_overflow_on_one_rank(rank, world):
         reals[0, 0] = 1e30  # only rank 1's D sees a poisoned real image -> inf gradients there
     tr.train_step(reals, latents, gen)
     stats = tr.stats.reduce(tr.dist)
-    return {"D_same": torch.equal(before["D"], flat(tr.D_module)), "G_same": torch.equal(before["G"], flat(tr.G_module)),
-            "D_scale": tr.scaler_D.get_scale(), "G_scale": tr.scaler_G.get_scale(), "D": flat(tr.D_module),
-            "G": flat(tr.G_module), "D_skipped": stats["D/skipped"]}
+    return {
+        "D_same": torch.equal(before["D"], flat(tr.D_module)),
+        "G_same": torch.equal(before["G"], flat(tr.G_module)),
+        "D_scale": tr.scaler_D.get_scale(),
+        "G_scale": tr.scaler_G.get_scale(),
+        "D": flat(tr.D_module),
+        "G": flat(tr.G_module),
+        "D_skipped": stats["D/skipped"],
+    }
 
 
 def test_fp16_overflow_on_one_rank_skips_on_every_rank():
