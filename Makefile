@@ -25,7 +25,13 @@ $(STAMP): setup.cfg setup.py
 	@touch $(STAMP)
 	@echo "installed distgan into $(VENV)"
 
-train: install
+# The built-in dataset, prepared once into WebDataset shards that the default config streams.
+SHAPES  := data/shapes-32
+
+$(SHAPES)/manifest.json: | $(STAMP)
+	$(VENV)/bin/distgan prepare shapes --out $(SHAPES) --size 32 --num 20000
+
+train: install $(SHAPES)/manifest.json
 	$(VENV)/bin/distgan train --config $(CONFIG) $(if $(RUN_DIR),--run-dir $(RUN_DIR))
 
 test: install

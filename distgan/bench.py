@@ -1,6 +1,7 @@
 """Benchmarks: each figure is printed next to a reference measured in the same run, on the same machine.
 
     distgan bench train --config configs/default.yaml [--steps 40] [--repeats 3] [--no-scaling]
+    distgan bench data [--shards DIR] [--workers 2]        (distgan/bench_data.py)
 
 Part 1, framework cost: distgan's training step (Trainer.train_step with its data draw, phases, EMA and stats)
 against a plain eager PyTorch loop of the same networks, batch and optimizer hyper-parameters, written the way
@@ -26,6 +27,7 @@ import statistics
 import sys
 import time
 
+from distgan import bench_data
 from distgan.local_launch import run_local
 
 TARGET_RATIO = 1.0
@@ -44,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--no-scaling", action="store_true", help="skip part 2")
     t.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    bench_data.add_parser(sub)
     args = p.parse_args(argv)
+    if args.what == "data":
+        return bench_data.run(args)
 
     from distgan.config import load_config
     from distgan.errors import UserError

@@ -9,6 +9,7 @@ import importlib
 import sys
 
 COMMANDS = {
+    "prepare": ("distgan.data.prepare", "convert a dataset into WebDataset tar shards + manifest.json"),
     "train": ("distgan.train", "train a GAN (same arguments as python -m distgan.train)"),
     "bench": ("distgan.bench", "benchmarks: `distgan bench train --config ...`"),
 }

@@ -72,9 +72,20 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["shapes", "mnist", "fashion_mnist", "cifar10"] = _f(
-        "shapes", "dataset: the built-in procedural shapes, or a torchvision dataset"
+    source: Literal["shards", "shapes", "mnist", "fashion_mnist", "cifar10"] = _f(
+        "shapes",
+        "shards: stream data.shards (made by `distgan prepare`); or hold in memory the built-in procedural shapes "
+        "or a torchvision dataset",
     )
+    shards: str = _f(
+        "",
+        "source=shards: a folder or manifest.json made by `distgan prepare`, or shard paths/URLs "
+        "(brace notation, comma-separated; http(s), s3:// etc. through fsspec)",
+    )
+    workers: int = _f(2, "source=shards: loader processes per rank (0 = read in the training process)")
+    shuffle_buffer: int = _f(1000, "source=shards: samples shuffled together (per loader worker)")
+    max_bad_fraction: float = _f(0.01, "source=shards: stop when more than this fraction of samples is unreadable")
+    allow_pipe: bool = _f(False, "source=shards: allow `pipe:` shard URLs (they run shell commands)")
     root: str = _f("data", "where torchvision datasets are found or downloaded to")
     download: bool = _f(True, "let torchvision download a missing dataset")
     num_images: int = _f(20000, "shapes: number of images to generate")
@@ -143,10 +154,20 @@ class Config:
                 f"model.resolution={m.resolution} cannot be made by {m.arch} (choose from {list(arch.resolutions)})",
             )
         need(m.channels in (1, 3), f"model.channels={m.channels} must be 1 or 3")
-        need(
-            m.channels == DATASET_CHANNELS[d.source],
-            f"model.channels={m.channels} but data.source={d.source} has {DATASET_CHANNELS[d.source]} channels",
-        )
+        if d.source in DATASET_CHANNELS:  # shards: checked against their manifest when the stream opens
+            need(
+                m.channels == DATASET_CHANNELS[d.source],
+                f"model.channels={m.channels} but data.source={d.source} has {DATASET_CHANNELS[d.source]} channels",
+            )
+        if d.source == "shards":
+            need(bool(d.shards.strip()), "data.source=shards needs data.shards (a folder made by `distgan prepare`)")
+            need(
+                d.allow_pipe or "pipe:" not in d.shards,
+                "data.shards has a pipe: URL, which runs a shell command; set data.allow_pipe=true if you trust it",
+            )
+        need(d.workers >= 0, f"data.workers={d.workers} must be >= 0")
+        need(d.shuffle_buffer >= 1, f"data.shuffle_buffer={d.shuffle_buffer} must be >= 1")
+        need(0 <= d.max_bad_fraction <= 1, f"data.max_bad_fraction={d.max_bad_fraction} must be in [0, 1]")
         for key in ("z_dim", "g_width", "d_width"):
             need(getattr(m, key) >= 1, f"model.{key}={getattr(m, key)} must be >= 1")
         for key in ("r1_gamma", "gp_weight", "pl_weight"):

@@ -1,6 +1,7 @@
 """Cheap statistics from anywhere in the step, reduced across ranks once per log interval.
 
     stats.report("Loss/D/main", loss)   # a tensor or a float; no host sync, no collective
+    stats.report_sum("Data/bad", 3)      # a count: reduced to its sum over ranks and reports, not its mean
     values = stats.reduce(dist)          # once per interval: one all_reduce for everything, then reset
 
 A report only keeps a detached reference to the value (a tensor's mean); the arithmetic waits for `reduce`,
@@ -18,6 +19,7 @@ class Collector:
     def __init__(self, device: torch.device):
         self.device = device
         self._pending: dict[str, list[torch.Tensor]] = {}
+        self._sums: set[str] = set()  # names reduced to their sum
 
     def report(self, name: str, value) -> None:
         if isinstance(value, torch.Tensor):
@@ -27,10 +29,17 @@ class Collector:
             value = torch.tensor(float(value))
         self._pending.setdefault(name, []).append(value)
 
+    def report_sum(self, name: str, value) -> None:
+        self._sums.add(name)
+        self.report(name, value)
+
     def reduce(self, dist) -> dict[str, float]:
-        """Means over all ranks of everything reported since the last call (a collective: call on every rank)."""
+        """Means (or sums) over all ranks of everything reported since the last call (a collective: every rank)."""
         # Ranks may in principle have reported different names (a phase that ran on one only): agree first.
-        names = sorted(set().union(*dist.all_gather_object(sorted(self._pending))))
+        mine = sorted((name, name in self._sums) for name in self._pending)
+        pairs = sorted({tuple(pair) for rank_pairs in dist.all_gather_object(mine) for pair in rank_pairs})
+        names = [name for name, _ in pairs]
+        sums = {name for name, is_sum in pairs if is_sum}
         packed = torch.zeros(len(names), 2, device=self.device)  # [name, (sum of finite values, their count)]
         for i, name in enumerate(names):
             if name in self._pending:
@@ -40,4 +49,4 @@ class Collector:
                 packed[i, 1] = finite.sum()
         dist.all_reduce_sum(packed)
         self._pending.clear()
-        return {name: s / c for name, (s, c) in zip(names, packed.cpu().tolist()) if c > 0}
+        return {name: s if name in sums else s / c for name, (s, c) in zip(names, packed.cpu().tolist()) if c > 0}

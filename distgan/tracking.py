@@ -43,8 +43,10 @@ def format_stats(values: dict[str, float], kimg: float) -> str:
         parts.append(f"ETA {m // 3600}h{m // 60 % 60:02d}m" if m >= 3600 else f"ETA {m // 60}m{m % 60:02d}s")
     if "Memory/peak_gb" in values:
         parts.append(f"mem {values['Memory/peak_gb']:.2f}GB")
-    skip = ("Timing/", "Memory/", "Progress/")
+    skip = ("Timing/", "Memory/", "Progress/", "Data/")
     parts += [f"{name} {v:.4g}" for name, v in sorted(values.items()) if not name.startswith(skip)]
+    if values.get("Data/bad") or values.get("Data/refused_members"):  # data faults: only when there are some
+        parts += [f"{n} {values[n]:.4g}" for n in ("Data/bad", "Data/bad_fraction", "Data/refused_members")]
     return "  ".join(parts)
 
 

@@ -24,7 +24,7 @@ if __name__ == "__main__" and not __package__:
 
 from distgan import launcher  # noqa: E402
 from distgan.config import flatten, help_text, load_config, to_yaml  # noqa: E402
-from distgan.errors import CheckpointError, UserError  # noqa: E402
+from distgan.errors import CheckpointError, DataError, UserError  # noqa: E402
 
 # Config keys a resumed run may change; any other difference from the checkpoint's config is refused unless
 # --allow-config-change is given (it would silently train a different model or on different data).
@@ -39,6 +39,8 @@ RESUMABLE_CHANGES = (
     "train.progress",
     "data.root",
     "data.download",
+    "data.max_bad_fraction",
+    "data.allow_pipe",
     "log.",
 )
 
@@ -110,7 +112,7 @@ def _run(cfg, dist, run_dir_arg, resume, allow_config_change) -> dict:
     from distgan import __version__
     from distgan.checkpoint import CheckpointManager
     from distgan.console import Console
-    from distgan.data import ArrayStream, load_images
+    from distgan.data import make_stream
     from distgan.tracking import NullTracker, make_tracker
     from distgan.trainer import Trainer
 
@@ -132,10 +134,20 @@ def _run(cfg, dist, run_dir_arg, resume, allow_config_change) -> dict:
     if dist.is_main:
         cfg.dump(run_dir / "config.yaml")
 
-    # Load the data: the first process of each node first (it may download), then the others.
+    # Open the data: the first process of each node first (it may download), then the others. Missing shards,
+    # a rank that would get no data, or a resolution mismatch are errors here, before the first step.
+    # A rank that fails here must not leave the others waiting in a collective: all agree, all raise.
+    error = None
     with dist.local_main_first():
-        images = load_images(cfg)
-    stream = ArrayStream(images, cfg.train.batch, dist.rank, dist.world_size, cfg.train.seed, cfg.data.xflip)
+        try:
+            stream = make_stream(cfg, dist.rank, dist.world_size)
+        except UserError as e:
+            error = e
+    failed = [msg for msg in dist.all_gather_object(str(error) if error else None) if msg]
+    if failed:
+        raise error if error is not None else DataError(failed[0])
+    if hasattr(stream, "describe"):
+        console.print(stream.describe())
 
     # Construct the trainer, restore its state, and connect the tracker (continuing the checkpoint's W&B run).
     trainer = Trainer(cfg, dist, stream, run_dir, console)
@@ -155,6 +167,7 @@ def _run(cfg, dist, run_dir_arg, resume, allow_config_change) -> dict:
         summary = trainer.fit(tracker)
     finally:
         tracker.finish()
+        stream.close()
 
     # Where everything is.
     latest = ckpts.latest()

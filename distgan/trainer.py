@@ -31,6 +31,7 @@ import torch
 from distgan import rng
 from distgan.checkpoint import CheckpointManager
 from distgan.ema import EMA, ema_beta
+from distgan.errors import DataError
 from distgan.losses import LOSSES, gradient_penalty, input_gradients, path_lengths, r1_penalty
 from distgan.models import build_discriminator, build_generator
 from distgan.precision import Precision
@@ -76,6 +77,7 @@ class Trainer:
         # Counters and running values (all part of the checkpoint).
         self.cur_nimg = 0
         self.step_idx = 0
+        self.data_totals = {"samples": 0, "bad": 0}  # over all ranks, for data.max_bad_fraction
         self.pl_mean = torch.zeros([], device=self.device)
         self.stats = Collector(self.device)
         self.tracker: Tracker = NullTracker()
@@ -301,7 +303,10 @@ class Trainer:
         }
 
     def _log_tick(self, total_nimg: int) -> dict[str, float]:
+        for name, count in self.stream.take_stats().items():  # data faults: summed over ranks, not averaged
+            self.stats.report_sum(name, count)
         values = self.stats.reduce(self.dist)  # collective: every rank
+        self._check_data(values)
         now = time.time()
         nimg0, t0 = self._tick
         self._tick = (self.cur_nimg, now)
@@ -321,6 +326,22 @@ class Trainer:
                 _append_jsonl(self.run_dir / "stats.jsonl", {"kimg": kimg, "nimg": self.cur_nimg, **values})
             self.tracker.log(values, kimg)
         return values
+
+    def _check_data(self, values: dict[str, float]) -> None:
+        """Stop the run (same decision on every rank) once too many samples were unreadable."""
+        for key in ("samples", "bad"):
+            self.data_totals[key] += int(values.get(f"Data/{key}", 0))
+        seen, bad = self.data_totals["samples"], self.data_totals["bad"]
+        if seen:
+            values["Data/bad_fraction"] = bad / seen
+        limit = self.cfg.data.max_bad_fraction
+        if bad and bad > limit * seen:
+            shards = sorted(set().union(*self.dist.all_gather_object(getattr(self.stream, "bad_shards", []))))
+            more = f" and {len(shards) - 8} more" if len(shards) > 8 else ""
+            raise DataError(
+                f"{bad} of {seen} samples unreadable ({bad / seen:.1%} > data.max_bad_fraction={limit}): "
+                f"{', '.join(shards[:8])}{more}"
+            )
 
     @torch.no_grad()
     def sync_buffers(self) -> None:
@@ -367,6 +388,8 @@ class Trainer:
     # ================================================================== state
 
     def state_dict(self) -> dict:
+        """Everything a resume needs (a collective: every rank's data-stream position is gathered)."""
+        streams = self.dist.all_gather_object(self.stream.state_dict())
         return {
             "format": STATE_FORMAT,
             "G": self.G_module.state_dict(),
@@ -379,10 +402,11 @@ class Trainer:
             "cur_nimg": self.cur_nimg,
             "step": self.step_idx,
             "pl_mean": self.pl_mean.detach().cpu(),
-            "stream": self.stream.state_dict(),
+            "stream": streams,  # one per rank
             "world_size": self.dist.world_size,
             "config": self.cfg.to_dict(),
             "tracker_run_id": self.tracker.run_id,
+            "data_totals": dict(self.data_totals),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -398,11 +422,16 @@ class Trainer:
         self.cur_nimg = int(state["cur_nimg"])
         self.step_idx = int(state["step"])
         self.pl_mean.copy_(state["pl_mean"])
-        self.stream.load_state_dict(state["stream"])
+        streams = state["stream"]
+        # A shard stream's position is per rank (its load refuses another world size); an in-memory stream's is
+        # global, so any rank's entry serves.
+        self.stream.load_state_dict(streams[min(self.dist.rank, len(streams) - 1)])
+        self.data_totals = dict(state.get("data_totals", self.data_totals))
 
     def save_checkpoint(self, ckpts: CheckpointManager) -> Path | None:
         """Rank 0 writes; every rank waits until it is committed."""
-        path = ckpts.save(self.state_dict(), self.cur_nimg) if self.dist.is_main else None
+        state = self.state_dict()  # collective
+        path = ckpts.save(state, self.cur_nimg) if self.dist.is_main else None
         self.dist.barrier()
         return path
 

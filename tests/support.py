@@ -21,15 +21,59 @@ def make_trainer(*overrides: str, config: Path = SMOKE, run_dir=None, dist=None)
     """A Trainer on this process's world (1 unless launched by run_ranks), fed by the configured dataset."""
     from distgan import distributed
     from distgan.config import load_config
-    from distgan.data import ArrayStream, load_images
+    from distgan.data import make_stream
     from distgan.trainer import Trainer
 
     cfg = load_config(config, list(overrides))
     if dist is None:
         dist = distributed.setup(cfg.train.precision, threads=1)
     cfg.validate(dist.world_size)
-    stream = ArrayStream(load_images(cfg), cfg.train.batch, dist.rank, dist.world_size, cfg.train.seed)
-    return Trainer(cfg, dist, stream, run_dir)
+    return Trainer(cfg, dist, make_stream(cfg, dist.rank, dist.world_size), run_dir)
+
+
+def write_shards(folder, n_shards: int, per_shard, resolution: int = 8, channels: int = 3, manifest: bool = True,
+                 extra=None) -> list[Path]:  # fmt: skip
+    """Tar shards written by hand (independent of `distgan prepare`): sample key = its global id as 8 digits, the
+    image a PNG whose pixels all equal id % 256. `per_shard` is an int or a list of counts; extra(i, key) may
+    return more {name: bytes} members for a sample. Returns the shard paths; writes manifest.json if asked."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    from distgan.data.manifest import FORMAT, VERSION, sha256_file, write_manifest
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    counts = per_shard if isinstance(per_shard, list) else [per_shard] * n_shards
+    paths, sid = [], 0
+    for i, count in enumerate(counts):
+        path = folder / f"shard-{i:06d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for _ in range(count):
+                key = f"{sid:08d}"
+                pixels = np.full((resolution, resolution, channels), sid % 256, np.uint8).squeeze()
+                buf = io.BytesIO()
+                Image.fromarray(pixels).save(buf, format="PNG")
+                members = {f"{key}.png": buf.getvalue(), **((extra and extra(i, key)) or {})}
+                for name, data in members.items():
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                sid += 1
+        paths.append(path)
+    if manifest:
+        shards = [
+            {"name": p.name, "samples": c, "bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            for p, c in zip(paths, counts)
+        ]
+        write_manifest(folder, {
+            "format": FORMAT, "version": VERSION, "num_samples": sum(counts), "resolution": resolution,
+            "channels": channels, "mode": "RGB" if channels == 3 else "L", "image_format": "png", "classes": [],
+            "shards": shards, "skipped": [], "source": {"kind": "test"}, "created": "", "distgan_version": "",
+        })  # fmt: skip
+    return paths
 
 
 def params(module) -> dict[str, torch.Tensor]:

@@ -1,7 +1,14 @@
 """Datasets and the per-rank batch streams that feed the trainer.
 
 A stream yields uint8 image batches [B_local, C, H, W] for one rank and knows its position, so a checkpoint can
-record where it stopped. The trainer converts to float in [-1, 1] on its device.
+record where it stopped. The trainer converts to float in [-1, 1] on its device. Two kinds:
+
+  ShardStream (stream.py)  WebDataset tar shards made by `distgan prepare`, streamed by loader workers from
+                           disk, HTTP or object storage: the one for real datasets and for `make train`.
+  ArrayStream (here)       a dataset held in memory (the built-in shapes, torchvision's MNIST/CIFAR-10): for
+                           tests and quick experiments.
+
+Both offer: next() -> batch, peek(n), take_stats(), state_dict()/load_state_dict(), close().
 """
 
 from __future__ import annotations
@@ -12,6 +19,16 @@ import torch
 from distgan.errors import DataError
 
 TORCHVISION_DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}
+
+
+def make_stream(cfg, rank: int, world_size: int):
+    """The batch stream `cfg.data` describes, for one rank: shards streamed from disk or network, or in memory."""
+    if cfg.data.source == "shards":
+        from distgan.data.stream import ShardStream
+
+        m = cfg.model
+        return ShardStream(cfg.data, m.resolution, m.channels, cfg.train.batch, rank, world_size, cfg.train.seed)
+    return ArrayStream(load_images(cfg), cfg.train.batch, rank, world_size, cfg.train.seed, cfg.data.xflip)
 
 
 def load_images(cfg) -> np.ndarray:
@@ -108,6 +125,12 @@ class ArrayStream:
     def peek(self, n: int) -> torch.Tensor:
         """The dataset's first n images (for a grid of reals), without moving the stream."""
         return self.images[:n]
+
+    def take_stats(self) -> dict[str, float]:
+        return {}  # images in memory: nothing can fail to decode
+
+    def close(self) -> None:
+        pass
 
     def state_dict(self) -> dict:
         return {"position": self.position}

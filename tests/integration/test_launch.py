@@ -91,3 +91,43 @@ def test_wandb_tracker_offline(tmp_path):
     images = list((tmp_path / "run" / "wandb").glob("offline-run-*/files/media/images/**/*.png"))
     assert len(images) >= 3  # sample grids at 0, 64 and 128 images
     assert "W&B:" in (tmp_path / "run" / "log.txt").read_text()
+
+
+def test_torchrun_streams_seven_shards_on_two_ranks_of_two_workers(tmp_path):
+    # The WebDataset deadlock case of ENVIRONMENT.md (7 shards, 2 ranks x 2 workers): must train, not hang.
+    from support import write_shards
+
+    write_shards(tmp_path / "shards", 7, 20, resolution=32)
+    out = run(
+        [str(BIN / "torchrun"), "--nproc_per_node=2", "-m", "distgan.train", "--config", SMOKE, "--run-dir", "run",
+         "data.source=shards", "data.shards=shards", "data.workers=2"],
+        tmp_path,
+    )  # fmt: skip
+    assert "data: 140 samples in 7 shards" in out and "2 loader workers/rank" in out
+    check_run_dir(tmp_path / "run", 2)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "ckpt-000000128" / "state.pt", weights_only=True)
+    assert [s["batches"] for s in state["stream"]] == [8, 8]  # both ranks drew one batch per step
+
+
+@pytest.mark.parametrize(
+    ("shards", "message"),
+    [
+        ("missing", "no manifest.json in missing"),
+        ("one", "1 shard(s) for 2 ranks: a rank would get no data"),
+        ("pipe:cat x.tar", "pipe: URL"),
+    ],
+)
+def test_data_problems_are_one_line_and_exit_2_before_training(tmp_path, shards, message):
+    from support import write_shards
+
+    write_shards(tmp_path / "one", 1, 8, resolution=32)
+    (tmp_path / "missing").mkdir()
+    p = subprocess.run(
+        [str(BIN / "torchrun"), "--nproc_per_node=2", "-m", "distgan.train", "--config", SMOKE, "--run-dir", "run",
+         "data.source=shards", f"data.shards={shards}"],
+        cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    errors = [line for line in p.stderr.splitlines() if line.startswith("distgan: error:")]
+    assert len(errors) == 1 and message in errors[0], p.stderr[-2000:]
+    assert p.returncode != 0 and "]: Traceback" not in p.stderr  # no rank died with a traceback (torchrun may)
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -41,6 +41,9 @@ def test_short_run_learns_shapes(tmp_path):
     from distgan.data import shapes
     from distgan.models import build_generator
 
+    # Like `make train`: the built-in set prepared into shards (where default.yaml looks), then streamed.
+    prep = [str(BIN / "distgan"), "prepare", "shapes", "--out", "data/shapes-32", "--size", "32", "--num", "20000"]
+    subprocess.run(prep, cwd=tmp_path, env=cli_env(), check=True, capture_output=True, timeout=300)
     cmd = [
         str(BIN / "distgan"),
         "train",

@@ -1,0 +1,95 @@
+"""Two real gloo ranks training from shards: resume consumes exactly what the straight run would, data faults
+are summed over ranks and stop the run on every rank together."""
+
+import copy
+
+import pytest
+import torch
+
+from support import flat, make_trainer, run_ranks, write_shards
+
+pytestmark = pytest.mark.dist
+
+
+def _shard_args(folder, *more):
+    return ("data.source=shards", f"data.shards={folder}", "data.workers=2", "data.shuffle_buffer=7", *more)
+
+
+def _train_and_resume(rank, world, folder, first, second):
+    """Straight: first+second steps. Resumed: a new trainer from the state after `first`, then second steps."""
+    tr = make_trainer(*_shard_args(folder))
+    keys_first = []
+    for _ in range(first):
+        tr.train_step(*tr.draw())
+        keys_first.append(list(tr.stream.last_keys))
+    state = copy.deepcopy(tr.state_dict())  # collective: gathers every rank's stream position
+    straight = []
+    for _ in range(second):
+        tr.train_step(*tr.draw())
+        straight.append(list(tr.stream.last_keys))
+    tr.stream.close()
+
+    again = make_trainer(*_shard_args(folder))
+    again.load_state_dict(state)
+    resumed = []
+    for _ in range(second):
+        again.train_step(*again.draw())
+        resumed.append(list(again.stream.last_keys))
+    again.stream.close()
+    return {
+        "first": keys_first,
+        "straight": straight,
+        "resumed": resumed,
+        "G": flat(tr.G_module),
+        "G_resumed": flat(again.G_module),
+        "streams_saved": len(state["stream"]),
+    }
+
+
+def test_two_ranks_resume_from_shards_without_duplicates_or_gaps(tmp_path):
+    write_shards(tmp_path, 8, 32, resolution=32)  # 256 samples; smoke batch 16 -> 16 steps per epoch
+    out = run_ranks(_train_and_resume, 2, str(tmp_path), 11, 9)  # the resume point is mid-epoch, 9 more cross it
+    for r in out:
+        assert r["streams_saved"] == 2
+        assert r["resumed"] == r["straight"]  # the same samples, in the same order, on the same rank
+        assert torch.equal(r["G"], r["G_resumed"])
+    # Over both ranks, epoch 0 (the first 16 steps) is every sample once: 0 duplicated, 0 missing.
+    epoch0 = [k for step in range(16) for r in out for k in (r["first"] + r["resumed"])[step]]
+    assert sorted(epoch0) == [f"{i:08d}" for i in range(256)]
+    # Control: the two ranks did get different samples.
+    assert set(out[0]["first"][0]).isdisjoint(out[1]["first"][0])
+
+
+def _bad_data_run(rank, world, folder):
+    from distgan.errors import DataError
+
+    tr = make_trainer(*_shard_args(folder, "data.max_bad_fraction=0.05", "train.log_every_kimg=0.032"))
+    try:
+        tr.fit()
+    except DataError as e:
+        return {"error": str(e), "nimg": tr.cur_nimg}
+    finally:
+        tr.stream.close()
+    return {"error": None, "nimg": tr.cur_nimg}
+
+
+def test_bad_samples_are_summed_over_ranks_and_stop_every_rank(tmp_path):
+    corrupt = {"shard-000005.tar"}
+
+    def garbage(i, key):
+        return {f"{key}.png": b"garbage"} if f"shard-{i:06d}.tar" in corrupt else None
+
+    write_shards(tmp_path, 8, 16, resolution=32, extra=garbage)  # 1 of 8 shards unreadable: 12.5% > 5%
+    out = run_ranks(_bad_data_run, 2, str(tmp_path))
+    assert out[0]["error"] is not None and out[0]["error"] == out[1]["error"]
+    assert "> data.max_bad_fraction=0.05" in out[0]["error"] and "shard-000005.tar" in out[0]["error"]
+    assert out[0]["nimg"] == out[1]["nimg"] < 128  # stopped early, at the same step on both ranks
+
+
+def test_a_few_bad_samples_below_the_limit_train_on(tmp_path):
+    def one_bad(i, key):
+        return {f"{key}.png": b"garbage"} if key == "00000007" else None
+
+    write_shards(tmp_path, 8, 16, resolution=32, extra=one_bad)  # 1 of 128 samples: under 5%
+    out = run_ranks(_bad_data_run, 2, str(tmp_path))
+    assert out[0]["error"] is None and out[0]["nimg"] == 128

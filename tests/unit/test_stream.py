@@ -1,0 +1,309 @@
+"""The shard streamer (distgan/data/stream.py, shards.py): splitting, epochs, resume, faults, hostile shards.
+
+Ranks are simulated here by building one ShardStream per rank in this process: a stream depends on its rank
+and world size only through arithmetic (no collectives). Real multi-process runs are in tests/distributed and
+tests/integration. Shards come from support.write_shards: sample id = key, every pixel = id % 256.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import http.server
+import io
+import pickle
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from distgan.config import load_config
+from distgan.data.stream import ShardStream
+from distgan.errors import DataError
+from support import write_shards
+
+
+def data_cfg(shards, *overrides):
+    return load_config(None, ["data.source=shards", f"data.shards={shards}", *overrides]).data
+
+
+def streams(shards, world=2, workers=2, batch=8, res=8, *overrides, seed=0):
+    cfg = data_cfg(shards, f"data.workers={workers}", "data.shuffle_buffer=5", *overrides)
+    return [ShardStream(cfg, res, 3, batch, r, world, seed) for r in range(world)]
+
+
+def consume(ranks, steps):
+    """Keys of `steps` global steps, per step and rank: [[rank0 keys, rank1 keys], ...]."""
+    out = []
+    for _ in range(steps):
+        row = []
+        for s in ranks:
+            images = next(s)
+            assert images.dtype == torch.uint8
+            # The image really is the sample the key names.
+            assert [int(k) % 256 for k in s.last_keys] == images[:, 0, 0, 0].tolist()
+            row.append(list(s.last_keys))
+        out.append(row)
+    return out
+
+
+def keys_of(rows):
+    return [k for row in rows for keys in row for k in keys]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_sample_exactly_once_per_epoch_when_shards_divide(tmp_path, workers):
+    write_shards(tmp_path, 8, 8)  # 64 samples; 2 ranks x 4 per rank = 8 per step, 8 steps per epoch
+    ranks = streams(tmp_path, workers=workers)
+    epochs = [collections.Counter(keys_of(consume(ranks, 8))) for _ in range(3)]
+    for counts in epochs:
+        assert sorted(counts) == [f"{i:08d}" for i in range(64)] and set(counts.values()) == {1}
+    # Shuffled: not the written order, and each epoch in another order.
+    first = keys_of(consume(streams(tmp_path, workers=workers), 8))
+    assert first != sorted(first)
+
+
+def test_ranks_see_disjoint_samples_within_an_epoch(tmp_path):
+    write_shards(tmp_path, 8, 8)
+    rows = consume(streams(tmp_path), 8)
+    rank0 = {k for row in rows for k in row[0]}
+    rank1 = {k for row in rows for k in row[1]}
+    assert len(rank0) == len(rank1) == 32 and not rank0 & rank1
+
+
+def test_seven_shards_on_two_ranks_of_two_workers_never_run_dry(tmp_path):
+    # The WebDataset split_by_node/worker deadlock case (ENVIRONMENT.md): 14 vs 11 batches. Here every rank keeps
+    # yielding, and over the R*W = 4 epochs of shard visits every shard is read equally often.
+    write_shards(tmp_path, 7, 8)
+    ranks = streams(tmp_path, batch=8)
+    counts = collections.Counter(keys_of(consume(ranks, 28)))  # 28 steps x 8 = 224 = 4 epochs of 56 samples
+    assert sorted(counts) == [f"{i:08d}" for i in range(56)]
+    assert max(counts.values()) - min(counts.values()) <= 2
+
+
+def test_stream_resumes_exactly_across_an_epoch_end(tmp_path):
+    write_shards(tmp_path, 8, [8, 8, 8, 8, 8, 8, 8, 5])  # uneven last shard
+    straight = streams(tmp_path)
+    before = consume(straight, 7)  # 7 steps: an odd batch count (worker rotation) and the epoch nearly done
+    states = [s.state_dict() for s in straight]
+    after = consume(straight, 9)  # crosses into epoch 1
+
+    resumed = streams(tmp_path)
+    for s, st in zip(resumed, states):
+        s.load_state_dict(st)
+    assert consume(resumed, 9) == after
+    # Across the stop: 0 duplicated, 0 missing within epoch 0 (61 samples).
+    seen = keys_of(before) + keys_of(after)
+    assert len(set(seen[:61])) == 61
+
+
+def test_resume_refuses_another_world_size(tmp_path):
+    write_shards(tmp_path, 8, 8)
+    state = streams(tmp_path)[0].state_dict()
+    other = streams(tmp_path, world=1)[0]
+    with pytest.raises(DataError, match="2 ranks x 2 loader workers"):
+        other.load_state_dict(state)
+
+
+def test_missing_shard_and_too_few_shards_are_errors_before_the_first_batch(tmp_path):
+    paths = write_shards(tmp_path, 4, 4)
+    paths[2].unlink()
+    with pytest.raises(DataError, match=r"1 of 4 shards not found: .*shard-000002\.tar"):
+        streams(tmp_path)
+    write_shards(tmp_path / "one", 1, 4)
+    with pytest.raises(DataError, match="a rank would get no data"):
+        streams(tmp_path / "one")
+
+
+def test_manifest_resolution_mismatch_is_an_error(tmp_path):
+    write_shards(tmp_path, 2, 4, resolution=16)
+    with pytest.raises(DataError, match="16x16x3 images but the model is 8x8x3.*--size 8"):
+        streams(tmp_path)
+
+
+def test_shards_without_manifest_by_brace_pattern_are_resized(tmp_path):
+    write_shards(tmp_path, 4, 4, resolution=16, manifest=False)
+    ranks = streams(f"{tmp_path}/shard-{{000000..000003}}.tar", workers=1, batch=4)
+    rows = consume(ranks, 4)
+    assert sorted(keys_of(rows)) == [f"{i:08d}" for i in range(16)]
+    assert next(ranks[0]).shape == (2, 3, 8, 8)
+
+
+def test_corrupt_samples_and_truncated_shards_are_skipped_and_counted(tmp_path):
+    bad = {"00000003", "00000005"}
+
+    def corrupt(i, key):
+        return {f"{key}.png": b"not a png"} if key in bad else None
+
+    paths = write_shards(tmp_path, 4, 8, extra=corrupt)  # the corrupt bytes replace those samples' images
+    data = paths[3].read_bytes()
+    paths[3].write_bytes(data[: len(data) // 2])  # truncated mid-shard (the manifest still says 8 samples)
+    (s,) = streams(tmp_path, world=1, workers=0, batch=4)
+    got = keys_of(consume([s], 5))  # 20 of at most 32 - 2 - (lost) readable samples
+    assert not bad & set(got)
+    for _ in range(5):
+        next(s)
+    stats = s.take_stats()
+    assert stats["Data/samples"] - stats["Data/bad"] == 40  # every consumed image is a good one
+    assert stats["Data/bad"] >= 2 + 3  # two corrupt samples, and the unread part of shard 3 (5 of 8 remain)
+    assert any(b.startswith("shard-000003.tar (") for b in s.bad_shards)
+    assert any("shard-000000.tar" in b for b in s.bad_shards)
+
+
+def test_unreadable_everything_is_one_clear_error(tmp_path):
+    paths = write_shards(tmp_path, 2, 4, manifest=False)
+    for p in paths:
+        p.write_bytes(b"\0garbage" * 100)
+    (s,) = streams(f"{tmp_path}/shard-{{000000..000001}}.tar", world=1, workers=1, batch=2)
+    with pytest.raises(DataError, match="no readable samples in any of the 2 shards"):
+        next(s)
+
+
+class _Canary:
+    """Unpickling this creates a file: proof that something decoded a pickle member."""
+
+    path = ""
+
+    def __reduce__(self):
+        return (Path(self.path).touch, ())
+
+
+def test_hostile_members_are_never_decoded_nor_written(tmp_path):
+    canary = tmp_path / "canary"
+    _Canary.path = str(canary)
+    payload = pickle.dumps(_Canary())
+    outside = tmp_path.parent / "escaped.png"
+
+    def hostile(i, key):
+        return {f"{key}.pyd": payload, f"{key}.pickle": payload, f"{key}.pth": payload, "../escaped.png": b"x",
+                "/tmp/abs.png": b"x"}  # fmt: skip
+
+    write_shards(tmp_path / "shards", 2, 4, extra=hostile)
+    (s,) = streams(tmp_path / "shards", world=1, workers=1, batch=4)
+    keys = keys_of(consume([s], 4))
+    assert sorted(set(keys)) == [f"{i:08d}" for i in range(8)]  # every real sample still trains
+    assert s.take_stats()["Data/refused_members"] >= 16 * 3
+    assert not canary.exists() and not outside.exists()
+
+
+def test_pipe_urls_need_opt_in(tmp_path):
+    (path,) = write_shards(tmp_path, 1, 4, manifest=False)
+    canary = tmp_path / "ran"
+    spec = f"pipe:touch {canary}; cat {path}"
+    with pytest.raises(Exception, match="allow_pipe"):  # config validation refuses it first
+        streams(spec, world=1, workers=0, batch=4)
+    assert not canary.exists()
+    (s,) = streams(spec, 1, 0, 4, 8, "data.allow_pipe=true")
+    assert sorted(keys_of(consume([s], 1))) == [f"{i:08d}" for i in range(4)]
+    assert canary.exists()
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    handler = functools.partial(_QuietHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield tmp_path, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_streams_over_http_from_a_manifest_and_from_urls(http_root):
+    root, url = http_root
+    write_shards(root, 4, 4)
+    ranks = streams(f"{url}/manifest.json", workers=1, batch=4)
+    assert ranks[0].describe().startswith(f"data: 16 samples in 4 shards from {url}")
+    assert sorted(keys_of(consume(ranks, 4))) == [f"{i:08d}" for i in range(16)]
+    brace = f"{url}/shard-{{000000..000003}}.tar"
+    assert sorted(keys_of(consume(streams(brace, workers=0, batch=4), 4))) == [f"{i:08d}" for i in range(16)]
+    with pytest.raises(DataError, match="1 of 1 shards not found"):
+        streams(f"{url}/nope.tar", world=1)
+
+
+def test_peek_reads_the_first_images_without_moving(tmp_path):
+    write_shards(tmp_path, 2, 4)
+    (s,) = streams(tmp_path, world=1, workers=0, batch=4)
+    grid = s.peek(6)
+    assert grid.shape == (6, 3, 8, 8) and grid[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4, 5]
+    assert s.batches == 0
+
+
+def test_xflip_flips_about_half_deterministically(tmp_path):
+    # Images with a left-right gradient: a flip is visible.
+    def gradient(i, key):
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray((torch.arange(8).repeat(8, 1) * 30).byte().numpy()).convert("RGB").save(buf, "PNG")
+        return {f"{key}.png": buf.getvalue()}
+
+    write_shards(tmp_path, 2, 16, extra=gradient)
+    flipped = []
+    for _ in range(2):
+        (s,) = streams(tmp_path, 1, 0, 32, 8, "data.xflip=true")
+        flipped.append((next(s)[:, 0, 0, 0] > 0).tolist())
+    assert flipped[0] == flipped[1] and 8 <= sum(flipped[0]) <= 24
+
+
+def test_tar_reader_detects_truncation_and_corrupt_headers(tmp_path):
+    from distgan.data import shards as sh
+
+    (path,) = write_shards(tmp_path, 1, 4, manifest=False)
+    whole = path.read_bytes()
+
+    def read(data):
+        return [r.key for r in sh.iter_records(io.BytesIO(data))]
+
+    assert read(whole) == [f"{i:08d}" for i in range(4)]
+    assert tarfile.open(path).getnames() == [f"{i:08d}.png" for i in range(4)]  # the standard reader agrees
+    with pytest.raises(tarfile.ReadError, match="unexpected end"):
+        read(whole[:520])  # cut inside the first member's data
+    flipped = bytearray(whole)
+    flipped[3] ^= 0x20  # a byte of the first member's name
+    with pytest.raises(tarfile.ReadError, match="checksum"):
+        read(bytes(flipped))
+    # Cut at a member boundary: the stream just ends (only a manifest's count can tell).
+    first = 512 + (len(whole_member := whole[512 : 512 + int(whole[124:135], 8)]) + 511) // 512 * 512
+    assert len(whole_member) > 0 and read(whole[:first]) == ["00000000"]
+
+
+def test_long_member_names_and_pax_headers_are_read(tmp_path):
+    from distgan.data import shards as sh
+
+    long_key = "d" * 120 + "/00000001"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in (f"{long_key}.png", f"{long_key}.cls", "dir/ünïcode.png"):
+            info = tarfile.TarInfo(name)
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"abc"))
+    records = list(sh.iter_records(io.BytesIO(buf.getvalue())))
+    assert [(r.key, sorted(r)) for r in records] == [(long_key, ["cls", "png"]), ("dir/ünïcode", ["png"])]
+    gnu = io.BytesIO()
+    with tarfile.open(fileobj=gnu, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        info = tarfile.TarInfo(f"{long_key}.png")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    assert [r.key for r in sh.iter_records(io.BytesIO(gnu.getvalue()))] == [long_key]
+
+
+def test_prepared_shards_are_plain_webdataset(tmp_path):
+    # The shards `distgan prepare` writes are ordinary WebDataset: its own reader gets the same samples.
+    import webdataset as wds
+
+    from distgan.data import prepare
+
+    assert prepare.main(["shapes", "--out", str(tmp_path), "--num", "40", "--shard-samples", "16", "--size", "8"]) == 0
+    ds = wds.WebDataset(f"{tmp_path}/shard-{{000000..000002}}.tar", shardshuffle=False).decode("rgb8")
+    theirs = {s["__key__"]: s["png"] for s in ds}
+    (ours,) = streams(tmp_path, world=1, workers=0, batch=40, res=8)
+    images = next(ours)
+    assert sorted(theirs) == sorted(ours.last_keys) and len(theirs) == 40
+    for key, image in zip(ours.last_keys, images):
+        assert torch.equal(torch.tensor(theirs[key]).permute(2, 0, 1), image)
