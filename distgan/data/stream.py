@@ -229,7 +229,7 @@ class ShardStream:
         if self.loader_workers < self.requested_workers:
             note = f" (data.workers={self.requested_workers} lowered: {len(self.shard_list.urls)} shards)"
         size = f"{n} samples in " if n is not None else ""
-        workers = f"{self.loader_workers} loader workers/rank{note}"
+        workers = f"{self.loader_workers} loader worker{'' if self.loader_workers == 1 else 's'} per rank{note}"
         return f"data: {size}{len(self.shard_list.urls)} shards from {src}, {workers}"
 
     def __iter__(self):

@@ -103,7 +103,7 @@ def test_torchrun_streams_seven_shards_on_two_ranks_of_two_workers(tmp_path):
          "data.source=shards", "data.shards=shards", "data.workers=2"],
         tmp_path,
     )  # fmt: skip
-    assert "data: 140 samples in 7 shards" in out and "2 loader workers/rank" in out
+    assert "data: 140 samples in 7 shards" in out and "2 loader workers per rank" in out
     check_run_dir(tmp_path / "run", 2)
     state = torch.load(tmp_path / "run" / "checkpoints" / "ckpt-000000128" / "state.pt", weights_only=True)
     assert [s["batches"] for s in state["stream"]] == [8, 8]  # both ranks drew one batch per step
