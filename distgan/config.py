@@ -101,6 +101,13 @@ class TrainConfig:
     sample_every_kimg: float = _f(20.0, "write a sample grid from fixed latents every N kimg")
     ckpt_every_kimg: float = _f(50.0, "write a checkpoint every N kimg (and at the end)")
     keep_ckpts: int = _f(3, "checkpoints kept in the run dir (older ones deleted after a new one is committed)")
+    max_consecutive_skips: int = _f(
+        20, "steps in a row skipped for non-finite losses/gradients before rolling back to the last checkpoint"
+    )
+    max_rollbacks: int = _f(3, "rollbacks allowed; one more need to roll back stops the run (exit code 4)")
+    hang_timeout_s: float = _f(
+        600.0, "a rank without progress for this long is named and the job stops (exit code 5); 0 = never"
+    )
     seed: int = _f(0, "training seed: initial weights, latents and data order derive from it")
     precision: Literal["fp32", "bf16", "fp16"] = _f(
         "fp32", "fp32; bf16 autocast; or fp16 autocast with one loss scaler per network"
@@ -191,6 +198,9 @@ class Config:
         for key in ("ema_kimg", "ema_rampup"):
             need(getattr(t, key) >= 0, f"train.{key}={getattr(t, key)} must be >= 0")
         need(t.keep_ckpts >= 1, f"train.keep_ckpts={t.keep_ckpts} must be >= 1")
+        need(t.max_consecutive_skips >= 1, f"train.max_consecutive_skips={t.max_consecutive_skips} must be >= 1")
+        need(t.max_rollbacks >= 0, f"train.max_rollbacks={t.max_rollbacks} must be >= 0")
+        need(t.hang_timeout_s >= 0, f"train.hang_timeout_s={t.hang_timeout_s} must be >= 0")
         need(t.sample_num >= 1, f"train.sample_num={t.sample_num} must be >= 1")
         need(t.threads >= 0, f"train.threads={t.threads} must be >= 0")
         return out

@@ -39,6 +39,7 @@ class Dist:
     device: torch.device
     launcher_name: str
     threads: int
+    control: Any = None  # a gloo group for small CPU-side agreements (the default group itself on CPU)
 
     @property
     def is_main(self) -> bool:
@@ -73,6 +74,10 @@ class Dist:
 
     def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.all_reduce_sum(tensor).div_(self.world_size)
+
+    def all_reduce_max_async(self, tensor: torch.Tensor):
+        """Start a max over ranks of a CPU tensor on the control group; `.wait()` the returned work."""
+        return torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX, group=self.control, async_op=True)
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         if self.world_size == 1:
@@ -156,7 +161,13 @@ def setup(precision: str = "fp32", threads: int = 0, deterministic: bool = False
     elif not use_cpu:
         torch.backends.cudnn.benchmark = True
 
+    control = None
+    if world > 1:
+        # Stop-signal flags are CPU ints: on CPU the default (gloo) group carries them; next to NCCL a gloo group
+        # does, so agreeing on them never waits for the GPU.
+        control = None if torch.distributed.get_backend() == "gloo" else torch.distributed.new_group(backend="gloo")
     return Dist(
+        control=control,
         accelerator=accelerator,
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,

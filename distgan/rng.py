@@ -20,3 +20,33 @@ def derive_seed(*parts: int) -> int:
 
 def generator(*parts: int, device: torch.device | str = "cpu") -> torch.Generator:
     return torch.Generator(device=device).manual_seed(derive_seed(*parts))
+
+
+def get_state(device: torch.device | None = None) -> dict:
+    """This process's global RNG states (torch CPU and CUDA, Python, NumPy), as checkpoint-safe plain values.
+
+    distgan's own draws do not use them (see above), but user code, augmentations and libraries might.
+    """
+    import random
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "gauss": [has_gauss, cached]},
+    }
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_state(state: dict, device: torch.device | None = None) -> None:
+    import random
+
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["gauss"][0], n["gauss"][1]))
+    if "cuda" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)

@@ -33,6 +33,15 @@ class Collector:
         self._sums.add(name)
         self.report(name, value)
 
+    def reset(self) -> None:
+        """Forget everything reported since the last reduce (after a rollback)."""
+        self._pending.clear()
+
+    def last(self, name: str) -> torch.Tensor | None:
+        """The latest value reported under `name` since the last reduce (tests read a step's losses)."""
+        values = self._pending.get(name)
+        return values[-1] if values else None
+
     def reduce(self, dist) -> dict[str, float]:
         """Means (or sums) over all ranks of everything reported since the last call (a collective: every rank)."""
         # Ranks may in principle have reported different names (a phase that ran on one only): agree first.

@@ -24,7 +24,7 @@ if __name__ == "__main__" and not __package__:
 
 from distgan import launcher  # noqa: E402
 from distgan.config import flatten, help_text, load_config, to_yaml  # noqa: E402
-from distgan.errors import CheckpointError, DataError, UserError  # noqa: E402
+from distgan.errors import CheckpointError, DataError, Stop, UserError  # noqa: E402
 
 # Config keys a resumed run may change; any other difference from the checkpoint's config is refused unless
 # --allow-config-change is given (it would silently train a different model or on different data).
@@ -35,6 +35,9 @@ RESUMABLE_CHANGES = (
     "train.sample_every_kimg",
     "train.ckpt_every_kimg",
     "train.keep_ckpts",
+    "train.max_consecutive_skips",
+    "train.max_rollbacks",
+    "train.hang_timeout_s",
     "train.threads",
     "train.progress",
     "data.root",
@@ -52,12 +55,17 @@ def build_parser(prog: str = "distgan train") -> argparse.ArgumentParser:
         "Overrides are dotted config keys, e.g. train.total_kimg=50 optim.lr_g=1e-4.",
     )
     p.add_argument("--config", help="YAML file of config values (default: the built-in defaults)")
-    p.add_argument("--run-dir", help="folder for this run's outputs (default: a new folder under runs/)")
+    p.add_argument(
+        "--run-dir",
+        help="folder for this run's outputs (default: runs/NAME, NAME = the config file's name or `name=`); "
+        "starting again with the same run dir continues it",
+    )
     p.add_argument(
         "--resume",
         default="latest",
-        help="latest (default): continue from the run dir's newest checkpoint if there is one; "
-        "none: start fresh (refused if the run dir has checkpoints); or a checkpoint path",
+        help="latest (default): continue from the run dir's newest verified checkpoint if there is one; "
+        "none: start fresh (refused if the run dir has checkpoints); or a checkpoint folder under the run root "
+        "(the run dir's parent, e.g. another run's checkpoint)",
     )
     p.add_argument(
         "--allow-config-change",
@@ -85,15 +93,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         run(cfg, run_dir=args.run_dir, resume=args.resume, allow_config_change=args.allow_config_change)
-    except UserError as e:
+    except (UserError, Stop) as e:
         return _fail(e)
     return 0
 
 
-def _fail(e: UserError) -> int:
+def _fail(e: UserError | Stop) -> int:
     # Every rank validates the same way; one line from rank 0 is enough.
     if launcher.rank() == 0:
-        print(f"distgan: error: {e}", file=sys.stderr)
+        print(f"distgan: {'error: ' if isinstance(e, UserError) else ''}{e}", file=sys.stderr)
     return e.exit_code
 
 
@@ -101,7 +109,9 @@ def run(cfg, run_dir: str | None = None, resume: str = "latest", allow_config_ch
     """Start the process group, train, and return the summary (on every rank)."""
     from distgan import distributed
 
-    dist = distributed.setup(cfg.train.precision, cfg.train.threads, cfg.train.deterministic)
+    # Collectives time out after 30 min (or just after the watchdog would have named a hung rank).
+    timeout = max(1800.0, cfg.train.hang_timeout_s + 60)
+    dist = distributed.setup(cfg.train.precision, cfg.train.threads, cfg.train.deterministic, timeout_s=timeout)
     try:
         return _run(cfg, dist, run_dir, resume, allow_config_change)
     finally:
@@ -110,14 +120,16 @@ def run(cfg, run_dir: str | None = None, resume: str = "latest", allow_config_ch
 
 def _run(cfg, dist, run_dir_arg, resume, allow_config_change) -> dict:
     from distgan import __version__
-    from distgan.checkpoint import CheckpointManager
+    from distgan.checkpoint import CheckpointManager, load_file
     from distgan.console import Console
     from distgan.data import make_stream
     from distgan.tracking import NullTracker, make_tracker
-    from distgan.trainer import Trainer
+    from distgan.trainer import Trainer, find_latest
+    from distgan.watchdog import StopSignals, Watchdog
 
-    # Pick the run dir: rank 0 names a new one, everyone uses rank 0's choice.
-    run_dir = Path(dist.broadcast_object(str(new_run_dir(cfg.name)) if run_dir_arg is None else run_dir_arg))
+    # Stop signals only set a flag from now on; the ranks act on it together at a step boundary (watchdog.py).
+    stop = StopSignals(dist)
+    run_dir = Path(run_dir_arg or Path("runs") / cfg.name)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
@@ -125,10 +137,10 @@ def _run(cfg, dist, run_dir_arg, resume, allow_config_change) -> dict:
     console.print(f"distgan {__version__}: {dist.describe(cfg.train.precision)}")
     console.print(f"run dir: {run_dir}")
 
-    # Find the checkpoint to resume from, and check it belongs to this config.
-    ckpts = CheckpointManager(run_dir, keep=cfg.train.keep_ckpts)
-    ckpt_path = find_checkpoint(ckpts, resume)
-    state = CheckpointManager.load(ckpt_path) if ckpt_path is not None else None
+    # Find the checkpoint to resume from (rank 0 verifies, everyone loads it), check it belongs to this config.
+    ckpts = CheckpointManager(run_dir, keep=cfg.train.keep_ckpts, warn=lambda msg: console.print(f"warning: {msg}"))
+    ckpt_path = find_checkpoint(ckpts, resume, dist, find_latest)
+    state = load_file(ckpt_path, "state.pt") if ckpt_path is not None else None
     if state is not None:
         check_resumable(state["config"], cfg, allow_config_change)
     if dist.is_main:
@@ -152,7 +164,7 @@ def _run(cfg, dist, run_dir_arg, resume, allow_config_change) -> dict:
     # Construct the trainer, restore its state, and connect the tracker (continuing the checkpoint's W&B run).
     trainer = Trainer(cfg, dist, stream, run_dir, console)
     if state is not None:
-        trainer.load_state_dict(state)
+        trainer.load_checkpoint(ckpt_path, shared=state)
         console.print(f"resumed from {ckpt_path} at {trainer.cur_nimg / 1000:.3f} kimg")
     tracker = NullTracker()
     if dist.is_main:
@@ -163,14 +175,17 @@ def _run(cfg, dist, run_dir_arg, resume, allow_config_change) -> dict:
             "raise train.total_kimg to train further"
         )
     start = time.time()
+    watchdog = Watchdog(dist, cfg.train.hang_timeout_s)
     try:
-        summary = trainer.fit(tracker)
+        summary = trainer.fit(tracker, stop=stop, watchdog=watchdog)
     finally:
+        watchdog.close()
+        stop.close()
         tracker.finish()
         stream.close()
 
     # Where everything is.
-    latest = ckpts.latest()
+    latest = (ckpts.committed() or [None])[-1]
     samples = sorted((run_dir / "samples").glob("fakes-*.png"))
     console.print(
         f"done: {summary['kimg']:.3f} kimg in {_hms(time.time() - start)} ({summary['img_per_sec']:.0f} img/s)"
@@ -183,28 +198,31 @@ def _run(cfg, dist, run_dir_arg, resume, allow_config_change) -> dict:
     return summary
 
 
-def new_run_dir(name: str, root: str = "runs") -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = Path(root) / f"{stamp}-{name}"
-    n = 1
-    while path.exists():
-        n += 1
-        path = Path(root) / f"{stamp}-{name}-{n}"
-    return path
+def find_checkpoint(ckpts, resume: str, dist, find_latest) -> Path | None:
+    """The checkpoint to start from: the newest verified one (`latest`), none, or a given folder."""
+    from distgan.checkpoint import verify
 
-
-def find_checkpoint(ckpts, resume: str) -> Path | None:
     if resume == "latest":
-        return ckpts.latest()
+        return find_latest(dist, ckpts)
     if resume == "none":
-        if ckpts.latest() is not None:
+        if ckpts.committed():
             raise CheckpointError(
                 f"{ckpts.dir.parent} already has checkpoints; use --resume latest or another --run-dir"
             )
         return None
     path = Path(resume)
-    if not path.exists():
+    path = path.parent if path.is_file() else path
+    root = ckpts.dir.parent.resolve().parent
+    if not path.resolve().is_relative_to(root):
+        raise CheckpointError(
+            f"--resume {resume} is outside the run root {root}: checkpoints are loaded only from run dirs "
+            "under it (copy the checkpoint folder there if you trust it)"
+        )
+    if not path.is_dir():
         raise CheckpointError(f"--resume {resume}: no such checkpoint")
+    problem = verify(path)
+    if problem:
+        raise CheckpointError(f"--resume {resume}: not a usable checkpoint ({problem})")
     return path
 
 

@@ -21,6 +21,7 @@ Progress is counted in real images shown to D (`cur_nimg`); all random numbers o
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import resource
 import time
@@ -28,17 +29,17 @@ from pathlib import Path
 
 import torch
 
-from distgan import rng
-from distgan.checkpoint import CheckpointManager
+from distgan import faults, rng
+from distgan.checkpoint import CheckpointManager, load_file, rank_file
 from distgan.ema import EMA, ema_beta
-from distgan.errors import DataError
+from distgan.errors import CheckpointError, DataError, Diverged, Interrupted
 from distgan.losses import LOSSES, gradient_penalty, input_gradients, path_lengths, r1_penalty
 from distgan.models import build_discriminator, build_generator
 from distgan.precision import Precision
 from distgan.stats import Collector
 from distgan.tracking import NullTracker, Tracker
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2
 
 
 class Trainer:
@@ -78,6 +79,12 @@ class Trainer:
         self.cur_nimg = 0
         self.step_idx = 0
         self.data_totals = {"samples": 0, "bad": 0}  # over all ranks, for data.max_bad_fraction
+        self.skips_in_a_row = 0  # steps whose update was skipped for non-finite values, in a row
+        self.skips_total = 0
+        self.rollbacks = 0
+        self._skipped = False  # some phase of the current step skipped its update
+        self._beat = None  # the watchdog's beat(step, phase, what), during fit
+        self._phase_no = 0
         self.pl_mean = torch.zeros([], device=self.device)
         self.stats = Collector(self.device)
         self.tracker: Tracker = NullTracker()
@@ -224,19 +231,35 @@ class Trainer:
             p.requires_grad_(flag)
 
     def _optimize(self, net: str, loss, opt, scaler) -> None:
-        """Backward (one gradient all-reduce under DDP), unscale, step through the scaler, update it."""
+        """Backward (one gradient all-reduce under DDP), unscale, then step unless a gradient is not finite.
+
+        Every rank must skip the same updates. Gradients are all-reduced, so a non-finite gradient on one rank is
+        non-finite on all; a non-finite loss on one rank is made into one: `poison` is 0 when the loss is finite
+        and NaN when not, and multiplies one weight into the loss, so that weight's gradient becomes NaN
+        everywhere after the all-reduce (no extra collective, no host sync). The gradient norm then decides.
+        """
+        if faults.fires("nan_loss", rank=self.dist.rank, step=self.step_idx, net=net):
+            loss = loss * float("nan")
+        first = self.params[net][0]
+        poison = torch.where(torch.isfinite(loss.detach()), 0.0, float("nan"))
+        loss = loss + poison * first.view(-1)[0]
         opt.zero_grad(set_to_none=True)
+        self._mark(f"{net} backward")
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
         grads = [p.grad for p in self.params[net] if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads)
         self.stats.report(f"{net}/grad_norm", norm)
-        if scaler.is_enabled():
-            # The scaler skips the step exactly when a gradient is inf/nan, i.e. when the norm is.
-            self.stats.report(f"{net}/skipped", (~torch.isfinite(norm)).float())
+        finite = bool(torch.isfinite(norm))  # identical on every rank (all-reduced gradients)
+        self.stats.report(f"{net}/skipped", 0.0 if finite else 1.0)
+        if scaler.is_enabled():  # fp16: the scaler skips exactly these steps itself and lowers its scale
             self.stats.report(f"{net}/loss_scale", scaler.get_scale())
-        scaler.step(opt)
-        scaler.update()
+            scaler.step(opt)
+            scaler.update()
+        elif finite:
+            opt.step()
+        if not finite:
+            self._skipped = True
 
     # ================================================================== the loop
 
@@ -244,13 +267,20 @@ class Trainer:
         """The next step's inputs: reals from the stream, latents and a generator from (seed, rank, cur_nimg)."""
         t, lo = self.cfg.train, self.cfg.loss
         reals = torch.stack([next(self.stream) for _ in range(lo.n_critic)])  # [n_critic, B_local, C, H, W]
-        gen = rng.generator(t.seed, rng.STEP, self.dist.rank, self.cur_nimg, device=self.device)
+        # After a rollback the steps draw other latents (else a deterministic blow-up would simply repeat).
+        salt = (self.rollbacks,) if self.rollbacks else ()
+        gen = rng.generator(t.seed, rng.STEP, self.dist.rank, self.cur_nimg, *salt, device=self.device)
         n_z = lo.n_critic + (0 if t.reuse_fake else 1)
         latents = torch.randn([n_z, self.batch_local, self.cfg.model.z_dim], generator=gen, device=self.device)
         return reals, latents, gen
 
-    def fit(self, tracker: Tracker | None = None) -> dict[str, float]:
-        """Train until `train.total_kimg`, with logs, samples and checkpoints on the way; returns the summary."""
+    def fit(self, tracker: Tracker | None = None, stop=None, watchdog=None, on_step=None) -> dict[str, float]:
+        """Train until `train.total_kimg`, with logs, samples and checkpoints on the way; returns the summary.
+
+        stop:     a watchdog.StopSignals: ranks agree on a stop signal at each step boundary, save, raise Interrupted
+        watchdog: a watchdog.Watchdog, told where this rank is (a rank that stops beating is named)
+        on_step:  called after every step (tests record losses and hashes with it)
+        """
         t = self.cfg.train
         self.tracker = tracker or NullTracker()
         total_nimg = round(t.total_kimg * 1000)
@@ -259,7 +289,8 @@ class Trainer:
             "sample": max(1, round(t.sample_every_kimg * 1000)),
             "ckpt": max(1, round(t.ckpt_every_kimg * 1000)),
         }
-        ckpts = CheckpointManager(self.run_dir, keep=t.keep_ckpts) if self.run_dir else None
+        ckpts = CheckpointManager(self.run_dir, t.keep_ckpts, warn=self._warn) if self.run_dir else None
+        self._beat = watchdog.beat if watchdog is not None else None
 
         # Fixed latents for the sample grids: the same for the whole run, across resumes.
         self.fixed_z = torch.randn(
@@ -275,22 +306,49 @@ class Trainer:
         if self.console is not None:
             self.console.start_bar(total_nimg, self.cur_nimg)
         while self.cur_nimg < total_nimg:
+            self._phase_no = 0
+            self._mark("step start")
+            faults.kill_if("kill", step=self.step_idx)
+            if faults.fires("hang", step=self.step_idx):
+                while True:  # a rank stuck for good (a dead file system, a deadlocked loader)
+                    time.sleep(1)
+            if stop is not None:
+                stop.begin_step()
             prev = self.cur_nimg
-            self.train_step(*self.draw())
+            self._skipped = False
+            batch = self.draw()
+            self._mark("data ready")
+            self.train_step(*batch)
+            self.skips_in_a_row = self.skips_in_a_row + 1 if self._skipped else 0
+            self.skips_total += self._skipped
+            signum = stop.end_step() if stop is not None else 0
+            if on_step is not None:
+                on_step(self)
+            if self.skips_in_a_row >= t.max_consecutive_skips:
+                self._rollback(ckpts, f"{self.skips_in_a_row} steps in a row had non-finite losses or gradients")
+                continue
             done = self.cur_nimg >= total_nimg
             # An interval is due when this step crossed one of its multiples (and everything at the end).
             due = {name: done or prev // n != self.cur_nimg // n for name, n in every.items()}
 
             if due["log"]:
                 last_stats = self._log_tick(total_nimg)
-            if due["sample"] or due["ckpt"]:
+            if due["sample"] or due["ckpt"] or signum:
                 self.sync_buffers()
             if self.run_dir is not None and due["sample"] and self.dist.is_main:
+                self._mark("writing a sample grid")
                 self._write_samples()
-            if ckpts is not None and due["ckpt"]:
-                self.save_checkpoint(ckpts)
+            saved = None
+            if ckpts is not None and (due["ckpt"] or signum):
+                self._mark("saving a checkpoint")
+                saved = self.save_checkpoint(ckpts)
+                if saved is None:
+                    self._rollback(ckpts, "the training state has non-finite values (not saved)")
+                    continue
             if self.console is not None:
                 self.console.advance(self.cur_nimg, _short(last_stats) if due["log"] else None)
+            if signum:
+                self._stopped(signum, saved, stop)
         if self.console is not None:
             self.console.close_bar()
 
@@ -301,6 +359,45 @@ class Trainer:
             "img_per_sec": (self.cur_nimg - start_nimg) / max(wall, 1e-9),
             **last_stats,
         }
+
+    def _mark(self, what: str) -> None:
+        """Tell the watchdog where this rank is (see watchdog.py)."""
+        if self._beat is not None:
+            self._phase_no += 1
+            self._beat(self.step_idx, self._phase_no, what)
+
+    def _stopped(self, signum: int, saved: Path | None, stop) -> None:
+        from distgan.watchdog import signal_name
+
+        if self.console is not None:
+            self.console.close_bar()
+        took = f" {time.time() - stop.received_at:.1f} s after the signal" if stop.received_at else ""
+        where = f"checkpoint {saved} committed{took}" if saved else "no run dir: nothing saved"
+        raise Interrupted(
+            f"stopped by {signal_name(signum)} at {self.cur_nimg / 1000:.3f} kimg; {where}; "
+            "run the same command to resume"
+        )
+
+    def _rollback(self, ckpts: CheckpointManager | None, why: str) -> None:
+        """Go back to the newest good checkpoint (every rank reaches this at the same step), or give up."""
+        limit = self.cfg.train.max_rollbacks
+        if self.rollbacks >= limit:
+            raise Diverged(f"{why} at {self.cur_nimg / 1000:.3f} kimg, after {self.rollbacks} rollback(s) "
+                           f"(train.max_rollbacks={limit}); lower the learning rates or try train.precision=fp32")  # fmt: skip
+        path = find_latest(self.dist, ckpts) if ckpts is not None else None
+        if path is None:
+            raise Diverged(f"{why} at {self.cur_nimg / 1000:.3f} kimg, and there is no checkpoint to roll back to")
+        rollbacks = self.rollbacks + 1
+        self.load_checkpoint(path)
+        self.rollbacks = max(self.rollbacks, rollbacks)
+        self.skips_in_a_row = 0
+        self.stats.reset()
+        self._tick = (self.cur_nimg, time.time())
+        self._warn(f"{why}; rolled back to {path.name} ({self.rollbacks} of train.max_rollbacks={limit})")
+
+    def _warn(self, msg: str) -> None:
+        if self.console is not None and self.dist.is_main:
+            self.console.print(f"warning: {msg}")
 
     def _log_tick(self, total_nimg: int) -> dict[str, float]:
         for name, count in self.stream.take_stats().items():  # data faults: summed over ranks, not averaged
@@ -318,6 +415,8 @@ class Trainer:
                 "Timing/sec_per_kimg": 1000 / max(img_s, 1e-9),
                 "Timing/eta_min": max(total_nimg - self.cur_nimg, 0) / max(img_s, 1e-9) / 60,
                 "Memory/peak_gb": _peak_memory_gb(self.device),
+                "Progress/skipped_steps": self.skips_total,
+                "Progress/rollbacks": self.rollbacks,
             }
         )
         if self.dist.is_main:
@@ -388,8 +487,7 @@ class Trainer:
     # ================================================================== state
 
     def state_dict(self) -> dict:
-        """Everything a resume needs (a collective: every rank's data-stream position is gathered)."""
-        streams = self.dist.all_gather_object(self.stream.state_dict())
+        """The state every rank shares (rank 0 saves it): networks, optimizers, scalers, counters, config."""
         return {
             "format": STATE_FORMAT,
             "G": self.G_module.state_dict(),
@@ -402,14 +500,27 @@ class Trainer:
             "cur_nimg": self.cur_nimg,
             "step": self.step_idx,
             "pl_mean": self.pl_mean.detach().cpu(),
-            "stream": streams,  # one per rank
             "world_size": self.dist.world_size,
             "config": self.cfg.to_dict(),
+            "config_digest": self.cfg.digest(),
             "tracker_run_id": self.tracker.run_id,
             "data_totals": dict(self.data_totals),
+            "skips_total": self.skips_total,
+            "rollbacks": self.rollbacks,
+        }
+
+    def rank_state(self) -> dict:
+        """What differs between ranks: its RNG states and its data-stream position."""
+        return {
+            "rank": self.dist.rank,
+            "world_size": self.dist.world_size,
+            "rng": rng.get_state(self.device),
+            "stream": self.stream.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("format") != STATE_FORMAT:
+            raise CheckpointError(f"training state format {state.get('format')}, this distgan reads {STATE_FORMAT}")
         self.G_module.load_state_dict(state["G"])
         self.D_module.load_state_dict(state["D"])
         self.G_ema.load_state_dict(state["G_ema"])
@@ -422,18 +533,68 @@ class Trainer:
         self.cur_nimg = int(state["cur_nimg"])
         self.step_idx = int(state["step"])
         self.pl_mean.copy_(state["pl_mean"])
-        streams = state["stream"]
-        # A shard stream's position is per rank (its load refuses another world size); an in-memory stream's is
-        # global, so any rank's entry serves.
-        self.stream.load_state_dict(streams[min(self.dist.rank, len(streams) - 1)])
-        self.data_totals = dict(state.get("data_totals", self.data_totals))
+        self.data_totals = dict(state["data_totals"])
+        self.skips_total = int(state["skips_total"])
+        self.rollbacks = int(state["rollbacks"])
+        self.skips_in_a_row = 0
+
+    def load_rank_state(self, state: dict, same_world: bool) -> None:
+        if same_world:
+            rng.set_state(state["rng"], self.device)
+        # Another world size: an in-memory stream's position is global and re-splits by itself; a shard stream
+        # refuses with a clear error (its positions are per rank and loader worker).
+        self.stream.load_state_dict(state["stream"])
+
+    def checkpoint_files(self) -> dict[str, bytes]:
+        """This rank's files of a checkpoint: its rank state; on rank 0 also the shared state and the export."""
+        from distgan.export import generator_bytes
+
+        files = {rank_file(self.dist.rank): _to_bytes(self.rank_state())}
+        if self.dist.is_main:
+            files["state.pt"] = _to_bytes(self.state_dict())
+            files["generator.safetensors"] = generator_bytes(
+                self.G_ema.module, dataclasses.asdict(self.cfg.model), self.cur_nimg
+            )
+        return files
 
     def save_checkpoint(self, ckpts: CheckpointManager) -> Path | None:
-        """Rank 0 writes; every rank waits until it is committed."""
-        state = self.state_dict()  # collective
-        path = ckpts.save(state, self.cur_nimg) if self.dist.is_main else None
-        self.dist.barrier()
-        return path
+        """Commit a checkpoint of this step on every rank (a collective). None, and nothing written, when the
+        state holds a non-finite value (the caller rolls back instead)."""
+        bad = torch.tensor([float(self._count_nonfinite())])
+        if self.dist.all_reduce_sum(bad).item() > 0:
+            return None
+        return ckpts.save(self.dist, self.cur_nimg, self.checkpoint_files())
+
+    def load_checkpoint(self, path: Path, shared: dict | None = None) -> None:
+        """Restore from a committed checkpoint (every rank; `shared` when state.pt was already read)."""
+        shared = shared if shared is not None else load_file(path, "state.pt")
+        self.load_state_dict(shared)
+        same_world = shared["world_size"] == self.dist.world_size
+        self.load_rank_state(load_file(path, rank_file(self.dist.rank if same_world else 0)), same_world)
+
+    @torch.no_grad()
+    def _count_nonfinite(self) -> int:
+        tensors = [*self.G_module.state_dict().values(), *self.D_module.state_dict().values()]
+        tensors += list(self.G_ema.state_dict().values())
+        for opt in (self.opt_G, self.opt_D):
+            tensors += [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+        floats = [t for t in tensors if t.is_floating_point()]
+        return int(sum((~torch.isfinite(t)).sum() for t in floats)) if floats else 0
+
+
+def find_latest(dist, ckpts: CheckpointManager) -> Path | None:
+    """The newest verified checkpoint, chosen by rank 0 (it warns about any it skips) for every rank."""
+    path = ckpts.latest() if dist.is_main else None
+    path = dist.broadcast_object(str(path) if path else None)
+    return Path(path) if path else None
+
+
+def _to_bytes(obj) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
 def _short(values: dict[str, float]) -> dict[str, str]:

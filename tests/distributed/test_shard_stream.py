@@ -1,11 +1,12 @@
 """Two real gloo ranks training from shards: resume consumes exactly what the straight run would, data faults
 are summed over ranks and stop the run on every rank together."""
 
-import copy
+from pathlib import Path
 
 import pytest
 import torch
 
+from distgan.checkpoint import CheckpointManager
 from support import flat, make_trainer, run_ranks, write_shards
 
 pytestmark = pytest.mark.dist
@@ -22,7 +23,8 @@ def _train_and_resume(rank, world, folder, first, second):
     for _ in range(first):
         tr.train_step(*tr.draw())
         keys_first.append(list(tr.stream.last_keys))
-    state = copy.deepcopy(tr.state_dict())  # collective: gathers every rank's stream position
+    ckpts = CheckpointManager(Path(folder) / "run")
+    path = tr.save_checkpoint(ckpts)  # collective: every rank writes its own stream position
     straight = []
     for _ in range(second):
         tr.train_step(*tr.draw())
@@ -30,7 +32,7 @@ def _train_and_resume(rank, world, folder, first, second):
     tr.stream.close()
 
     again = make_trainer(*_shard_args(folder))
-    again.load_state_dict(state)
+    again.load_checkpoint(path)
     resumed = []
     for _ in range(second):
         again.train_step(*again.draw())
@@ -42,7 +44,7 @@ def _train_and_resume(rank, world, folder, first, second):
         "resumed": resumed,
         "G": flat(tr.G_module),
         "G_resumed": flat(again.G_module),
-        "streams_saved": len(state["stream"]),
+        "streams_saved": len(list(path.glob("rank-*.pt"))),
     }
 
 

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-import torch
+from distgan.checkpoint import load_file
 
 from conftest import BIN, REPO, cli_env
 
@@ -25,8 +25,10 @@ def check_run_dir(run_dir, world):
     assert f"world={world} " in log.splitlines()[0]
     assert (run_dir / "checkpoints" / "ckpt-000000128" / "state.pt").is_file()
     assert (run_dir / "samples" / "fakes-000000128.png").is_file()
-    state = torch.load(run_dir / "checkpoints" / "ckpt-000000128" / "state.pt", weights_only=True)
+    state = load_file(run_dir / "checkpoints" / "ckpt-000000128", "state.pt")  # hash-checked
     assert state["world_size"] == world and state["cur_nimg"] == 128
+    ranks = sorted(p.name for p in (run_dir / "checkpoints" / "ckpt-000000128").glob("rank-*.pt"))
+    assert ranks == [f"rank-{r:05d}.pt" for r in range(world)]  # every rank wrote its own part
     assert (run_dir / "config.yaml").is_file()
 
 
@@ -105,8 +107,9 @@ def test_torchrun_streams_seven_shards_on_two_ranks_of_two_workers(tmp_path):
     )  # fmt: skip
     assert "data: 140 samples in 7 shards" in out and "2 loader workers per rank" in out
     check_run_dir(tmp_path / "run", 2)
-    state = torch.load(tmp_path / "run" / "checkpoints" / "ckpt-000000128" / "state.pt", weights_only=True)
-    assert [s["batches"] for s in state["stream"]] == [8, 8]  # both ranks drew one batch per step
+    ckpt = tmp_path / "run" / "checkpoints" / "ckpt-000000128"
+    parts = [load_file(ckpt, f"rank-{r:05d}.pt") for r in range(2)]
+    assert [p["stream"]["batches"] for p in parts] == [8, 8]  # both ranks drew one batch per step
 
 
 @pytest.mark.parametrize(

@@ -36,7 +36,7 @@ def fd_of(generator, z_dim, net, real_feats) -> float:
 
 
 def test_short_run_learns_shapes(tmp_path):
-    from distgan.checkpoint import CheckpointManager
+    from distgan.checkpoint import CheckpointManager, load_file
     from distgan.config import from_dict
     from distgan.data import shapes
     from distgan.models import build_generator
@@ -65,7 +65,7 @@ def test_short_run_learns_shapes(tmp_path):
     real_feats = features(net, to_float(reals))
 
     final = CheckpointManager(tmp_path / "run").latest()  # the first multiple of the batch past KIMG
-    state = CheckpointManager.load(final)
+    state = load_file(final, "state.pt")
     assert state["cur_nimg"] >= KIMG * 1000
     cfg = from_dict(state["config"])
     trained = build_generator(cfg.model)

@@ -151,7 +151,7 @@ def test_resume_through_a_checkpoint_continues_exactly(tmp_path):
     first = make_trainer(*over[:-4], "train.total_kimg=0.064", *over[2:], run_dir=tmp_path / "b")
     first.fit()
     second = make_trainer(*over, run_dir=tmp_path / "b")
-    second.load_state_dict(CheckpointManager.load(CheckpointManager(tmp_path / "b").latest()))
+    second.load_checkpoint(CheckpointManager(tmp_path / "b").latest())
     assert second.cur_nimg == 64
     second.fit()
     for net in ("G_module", "D_module"):
@@ -172,7 +172,7 @@ def test_fit_writes_run_dir_outputs(tmp_path):
         "fakes-000000064.png",
         "fakes-000000128.png",
     ]
-    ckpts = CheckpointManager(tmp_path).list()
+    ckpts = CheckpointManager(tmp_path).committed()
     assert [p.name for p in ckpts] == ["ckpt-000000064", "ckpt-000000128"]
     lines = (tmp_path / "stats.jsonl").read_text().splitlines()
     assert len(lines) == 4  # log every 0.032 kimg = 2 steps of 16

@@ -1,0 +1,174 @@
+"""Stop signals agreed across ranks, and a watchdog that turns a hung rank into a failure naming it.
+
+StopSignals: SIGTERM (schedulers, `kill`, torchrun shutting down) and SIGUSR1 (SLURM's advance warning,
+`scancel --signal=USR1`) only set a flag in the handler. At every step boundary the ranks combine their flags
+with one small all-reduce (started when the step starts, on a CPU/gloo group, waited for when it ends, so it
+overlaps the step and costs ~nothing): if any rank got a signal, every rank learns it at the same step, all save
+that step's checkpoint together and exit with code 3. A signal that reaches only one rank (`kill` of one PID,
+a node-local preemption notice) therefore still stops the whole job cleanly. SIGKILL aborts without saving.
+
+Watchdog: a thread per rank. The training loop calls `beat(step, phase, what)` where each step starts, when its
+data is ready, before each backward (where DDP's all-reduces wait) and before anything long (checkpoint, sample
+grid); the thread publishes the last beat to a small key-value store every second. When a rank has not beaten for
+`train.hang_timeout_s`, it reads every rank's last beat: the ranks furthest behind in (step, phase) are the ones
+the others wait for. It prints one line naming them and where they were, and exits with code 5
+(the hung rank exits too, by its own watchdog), so `torchrun --max-restarts` restarts the job from its last
+checkpoint instead of it waiting forever in a collective (gloo's own timeout is 30 min and names nobody).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+import torch
+
+from distgan.errors import EXIT_HUNG
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopSignals:
+    def __init__(self, dist, signals=STOP_SIGNALS):
+        self.dist = dist
+        self.received = 0  # the signal number, set by the handler
+        self.received_at: float | None = None
+        self._work = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if not self.received:
+            self.received, self.received_at = signum, time.time()
+
+    def begin_step(self) -> None:
+        """Start combining the flags (asynchronously: the step runs meanwhile)."""
+        if self.dist.world_size > 1:
+            self._buf = torch.tensor([self.received], dtype=torch.int64)
+            self._work = self.dist.all_reduce_max_async(self._buf)
+
+    def end_step(self) -> int:
+        """The signal some rank received (the same answer on every rank), or 0."""
+        if self._work is None:
+            return self.received
+        self._work.wait()
+        self._work = None
+        return int(self._buf.item())
+
+    def close(self) -> None:
+        if self._work is not None:
+            try:
+                self._work.wait()
+            except RuntimeError:  # a peer died mid-step: that error is already on its way up
+                pass
+            self._work = None
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+class Watchdog:
+    def __init__(self, dist, timeout_s: float, interval_s: float | None = None):
+        self.dist, self.timeout = dist, float(timeout_s)
+        self.interval = interval_s or min(1.0, max(self.timeout / 10, 0.05))
+        self.pos, self.what = (-1, 0), "start"
+        self._last_beat = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = None
+        self._store = None
+        if self.timeout <= 0:
+            return
+        if dist.world_size > 1:
+            self._store = _store(dist, self.timeout)
+        self._thread = threading.Thread(target=self._run, name="distgan-watchdog", daemon=True)
+        self._thread.start()
+
+    def beat(self, step: int, phase: int, what: str) -> None:
+        self.pos, self.what, self._last_beat = (step, phase), what, time.monotonic()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        rank, world = self.dist.rank, self.dist.world_size
+        while not self._stop.wait(self.interval):
+            try:
+                if self._store is not None:
+                    self._store.set(f"hb/{rank}", json.dumps([*self.pos, self.what]))
+            except Exception:  # noqa: BLE001, S110 (rank 0, the store's host, is gone: judged below)
+                pass
+            stalled = time.monotonic() - self._last_beat
+            if stalled < self.timeout:
+                continue
+            beats = {rank: [*self.pos, self.what]}
+            try:
+                keys = [f"hb/{r}" for r in range(world)]
+                if self._store is not None and self._store.check(keys):
+                    beats = {r: json.loads(v) for r, v in enumerate(self._store.multi_get(keys))}
+            except Exception:  # noqa: BLE001, S110 (no store: this rank judges by itself)
+                pass
+            if self._stop.is_set():
+                return
+            self._fail(beats, stalled)
+
+    def _fail(self, beats: dict[int, list], stalled: float) -> None:
+        low = min((step, phase) for step, phase, _ in beats.values())
+        behind = sorted(r for r, (step, phase, _) in beats.items() if (step, phase) == low)
+        rest = sorted(set(beats) - set(behind))
+        if rest:
+            where = "; ".join(f"rank {r} in step {beats[r][0]} ({beats[r][2]})" for r in behind)
+            msg = (
+                f"rank{'s' if len(behind) > 1 else ''} {', '.join(map(str, behind))} hung: {where}, while "
+                f"rank{'s' if len(rest) > 1 else ''} {', '.join(map(str, rest))} waited "
+                f"{stalled:.0f} s (train.hang_timeout_s={self.timeout:g})"
+            )
+            reporter = rest[0]
+        elif len(beats) < self.dist.world_size:  # the others' beats are out of reach: speak for this rank
+            step, _, what = beats[self.dist.rank]
+            msg = (
+                f"rank {self.dist.rank} made no progress for {stalled:.0f} s in step {step} ({what}) "
+                f"(train.hang_timeout_s={self.timeout:g})"
+            )
+            reporter = self.dist.rank
+        else:
+            step, _, what = beats[self.dist.rank]
+            msg = (
+                f"no progress for {stalled:.0f} s on any rank, all at step {step} ({what}) "
+                f"(train.hang_timeout_s={self.timeout:g})"
+            )
+            reporter = min(beats)
+        if self.dist.rank == reporter:
+            sys.stdout.flush()
+            print(f"distgan: error: {msg}; stopping (exit code {EXIT_HUNG})", file=sys.stderr, flush=True)
+        os._exit(EXIT_HUNG)
+
+
+def _store(dist, timeout: float):
+    """A TCPStore hosted by rank 0 on a free port (public API; independent of the launcher's own store)."""
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    wait = timedelta(seconds=max(30.0, timeout))
+    if dist.is_main:
+        store = TCPStore("0.0.0.0", 0, dist.world_size, is_master=True, timeout=wait, wait_for_workers=False)
+        dist.broadcast_object(store.port)
+        return store
+    port = dist.broadcast_object(None)
+    return TCPStore(host, port, dist.world_size, is_master=False, timeout=wait)
