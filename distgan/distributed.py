@@ -77,7 +77,9 @@ class Dist:
 
     def all_reduce_max_async(self, tensor: torch.Tensor):
         """Start a max over ranks of a CPU tensor on the control group; `.wait()` the returned work."""
-        return torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX, group=self.control, async_op=True)
+        return torch.distributed.all_reduce(
+            tensor, op=torch.distributed.ReduceOp.MAX, group=self.control, async_op=True
+        )
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         if self.world_size == 1:

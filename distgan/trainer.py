@@ -382,8 +382,10 @@ class Trainer:
         """Go back to the newest good checkpoint (every rank reaches this at the same step), or give up."""
         limit = self.cfg.train.max_rollbacks
         if self.rollbacks >= limit:
-            raise Diverged(f"{why} at {self.cur_nimg / 1000:.3f} kimg, after {self.rollbacks} rollback(s) "
-                           f"(train.max_rollbacks={limit}); lower the learning rates or try train.precision=fp32")  # fmt: skip
+            raise Diverged(
+                f"{why} at {self.cur_nimg / 1000:.3f} kimg, after {self.rollbacks} rollback(s) "
+                f"(train.max_rollbacks={limit}); lower the learning rates or try train.precision=fp32"
+            )
         path = find_latest(self.dist, ckpts) if ckpts is not None else None
         if path is None:
             raise Diverged(f"{why} at {self.cur_nimg / 1000:.3f} kimg, and there is no checkpoint to roll back to")

@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 import pytest
-from distgan.checkpoint import load_file
 
 from conftest import BIN, REPO, cli_env
+from distgan.checkpoint import load_file
 
 pytestmark = pytest.mark.integration
 
