@@ -87,16 +87,11 @@ class CheckpointManager:
         status = None
         if dist.is_main:
             try:
-                if (final / MARKER).is_file() and verify(final) is None:
-                    status = "exists"  # the same position was already committed (it is the same state)
-                else:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    tmp.mkdir(parents=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
             except OSError as e:
                 status = f"cannot create {tmp}: {_oserror(e)}"
         status = dist.broadcast_object(status)
-        if status == "exists":
-            return final
         if status is not None:
             raise CheckpointError(self._not_saved(nimg, status))
 
@@ -143,7 +138,7 @@ class CheckpointManager:
         _write_file(tmp / MANIFEST, data, 0, fault_points=False)
         _fsync_dir(tmp)
         faults.kill_if("ckpt.after_manifest", rank=0)
-        if final.exists():  # an uncommitted leftover of a crashed save at this position
+        if final.exists():  # a leftover of a crashed save at this position, or one of an abandoned history
             _discard(final)
         faults.kill_if("ckpt.before_rename", rank=0)
         os.rename(tmp, final)
@@ -183,6 +178,9 @@ def read_manifest(path: Path) -> dict:
     files = manifest.get("files")
     if not isinstance(files, dict) or not all(isinstance(n, str) and _SAFE_FILE.match(n) for n in files):
         raise ValueError("manifest lists files outside the checkpoint folder")
+    for name, info in files.items():
+        if not (isinstance(info, dict) and type(info.get("bytes")) is int and isinstance(info.get("sha256"), str)):
+            raise ValueError(f"manifest entry for {name} is not a size and a sha256")
     return manifest
 
 
@@ -249,7 +247,10 @@ def load_file(path: Path, name: str):
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses pickled code: say so in one line, never fall back
-        raise CheckpointError(f"cannot load {path / name}: {' '.join(str(e).split())[:300]}") from None
+        text = " ".join(str(e).split())
+        refused = re.search(r"Unsupported global: GLOBAL [^\s]+|unsupported GLOBAL [^\s]+", text, re.IGNORECASE)
+        why = f"it holds pickled code, refused ({refused.group(0)})" if refused else text[:300]
+        raise CheckpointError(f"cannot load {path / name}: {why}") from None
 
 
 # ---------------------------------------------------------------------- files

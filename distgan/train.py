@@ -79,7 +79,7 @@ def build_parser(prog: str = "distgan train") -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # options may also follow the overrides
     if args.help_config:
         print(help_text())
         return 0
@@ -143,8 +143,6 @@ def _run(cfg, dist, run_dir_arg, resume, allow_config_change) -> dict:
     state = load_file(ckpt_path, "state.pt") if ckpt_path is not None else None
     if state is not None:
         check_resumable(state["config"], cfg, allow_config_change)
-    if dist.is_main:
-        cfg.dump(run_dir / "config.yaml")
 
     # Open the data: the first process of each node first (it may download), then the others. Missing shards,
     # a rank that would get no data, or a resolution mismatch are errors here, before the first step.
@@ -166,6 +164,8 @@ def _run(cfg, dist, run_dir_arg, resume, allow_config_change) -> dict:
     if state is not None:
         trainer.load_checkpoint(ckpt_path, shared=state)
         console.print(f"resumed from {ckpt_path} at {trainer.cur_nimg / 1000:.3f} kimg")
+    if dist.is_main:  # only once the checkpoint is known to fit it: the run dir's config describes its checkpoints
+        cfg.dump(run_dir / "config.yaml")
     tracker = NullTracker()
     if dist.is_main:
         tracker = make_tracker(cfg.log.tracker, console, cfg, run_dir, state and state.get("tracker_run_id"))
@@ -223,6 +223,14 @@ def find_checkpoint(ckpts, resume: str, dist, find_latest) -> Path | None:
     problem = verify(path)
     if problem:
         raise CheckpointError(f"--resume {resume}: not a usable checkpoint ({problem})")
+    # Starting from an older point in a run dir with newer checkpoints would mix two histories in one folder
+    # (and `--resume latest` after a crash would pick the abandoned one).
+    newer = [p for p in ckpts.committed() if p.name > path.name and p.resolve() != path.resolve()]
+    if newer:
+        raise CheckpointError(
+            f"--resume {resume}: the run dir {ckpts.dir.parent} already has newer checkpoints ({newer[-1].name}); "
+            "resume it into another --run-dir"
+        )
     return path
 
 

@@ -71,8 +71,13 @@ class Trainer:
 
         # One optimizer and one loss scaler per network.
         o = cfg.optim
-        self.opt_G = self._adam(self.G_module, o.lr_g, lo.g_reg_interval if self.g_reg_lazy else None)
-        self.opt_D = self._adam(self.D_module, o.lr_d, lo.d_reg_interval if self.d_reg_lazy else None)
+        self.hparams = {
+            "G": self._adam_hparams(o.lr_g, lo.g_reg_interval if self.g_reg_lazy else None),
+            "D": self._adam_hparams(o.lr_d, lo.d_reg_interval if self.d_reg_lazy else None),
+        }
+        # foreach: one fused call per update for all tensors (PyTorch only picks it by default on GPUs).
+        self.opt_G = torch.optim.Adam(self.G_module.parameters(), **self.hparams["G"], foreach=True)
+        self.opt_D = torch.optim.Adam(self.D_module.parameters(), **self.hparams["D"], foreach=True)
         self.scaler_G, self.scaler_D = self.precision.make_scaler(), self.precision.make_scaler()
 
         # Counters and running values (all part of the checkpoint).
@@ -89,15 +94,12 @@ class Trainer:
         self.stats = Collector(self.device)
         self.tracker: Tracker = NullTracker()
 
-    def _adam(self, module, lr: float, reg_interval: int | None) -> torch.optim.Adam:
+    def _adam_hparams(self, lr: float, reg_interval: int | None) -> dict:
         # Lazy regularisation steps the optimizer interval+1 times per interval steps: rescale lr and betas so
         # the effective step size and momentum horizon are unchanged (StyleGAN2, Karras et al. 2020, app. B).
         o = self.cfg.optim
         ratio = reg_interval / (reg_interval + 1) if reg_interval else 1.0
-        # foreach: one fused call per update for all tensors (PyTorch only picks it by default on GPUs).
-        return torch.optim.Adam(
-            module.parameters(), lr=lr * ratio, betas=(o.beta1**ratio, o.beta2**ratio), eps=o.eps, foreach=True
-        )
+        return {"lr": lr * ratio, "betas": (o.beta1**ratio, o.beta2**ratio), "eps": o.eps}
 
     # ================================================================== one step
 
@@ -303,6 +305,7 @@ class Trainer:
         start_nimg, start_time = self.cur_nimg, time.time()
         self._tick = (self.cur_nimg, time.time())
         last_stats: dict[str, float] = {}
+        ckpt_pending = False
         if self.console is not None:
             self.console.start_bar(total_nimg, self.cur_nimg)
         while self.cur_nimg < total_nimg:
@@ -331,15 +334,21 @@ class Trainer:
             # An interval is due when this step crossed one of its multiples (and everything at the end).
             due = {name: done or prev // n != self.cur_nimg // n for name, n in every.items()}
 
+            # A checkpoint due during a streak of skipped steps waits for the first good step: a rollback must
+            # go back to before the trouble, and the good checkpoints must not be purged by ones made during it.
+            ckpt_pending = ckpt_pending or due["ckpt"]
+            save_now = ckpts is not None and (signum or (ckpt_pending and (self.skips_in_a_row == 0 or done)))
+
             if due["log"]:
                 last_stats = self._log_tick(total_nimg)
-            if due["sample"] or due["ckpt"] or signum:
+            if due["sample"] or due["ckpt"] or save_now:
                 self.sync_buffers()
             if self.run_dir is not None and due["sample"] and self.dist.is_main:
                 self._mark("writing a sample grid")
                 self._write_samples()
             saved = None
-            if ckpts is not None and (due["ckpt"] or signum):
+            if save_now:
+                ckpt_pending = False
                 self._mark("saving a checkpoint")
                 saved = self.save_checkpoint(ckpts)
                 if saved is None:
@@ -347,7 +356,7 @@ class Trainer:
                     continue
             if self.console is not None:
                 self.console.advance(self.cur_nimg, _short(last_stats) if due["log"] else None)
-            if signum:
+            if signum and not done:  # (a signal at the very last step: the run is complete anyway)
                 self._stopped(signum, saved, stop)
         if self.console is not None:
             self.console.close_bar()
@@ -389,9 +398,9 @@ class Trainer:
         path = find_latest(self.dist, ckpts) if ckpts is not None else None
         if path is None:
             raise Diverged(f"{why} at {self.cur_nimg / 1000:.3f} kimg, and there is no checkpoint to roll back to")
-        rollbacks = self.rollbacks + 1
+        rollbacks, skips = self.rollbacks + 1, self.skips_total
         self.load_checkpoint(path)
-        self.rollbacks = max(self.rollbacks, rollbacks)
+        self.rollbacks, self.skips_total = max(self.rollbacks, rollbacks), max(self.skips_total, skips)
         self.skips_in_a_row = 0
         self.stats.reset()
         self._tick = (self.cur_nimg, time.time())
@@ -523,11 +532,20 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         if state.get("format") != STATE_FORMAT:
             raise CheckpointError(f"training state format {state.get('format')}, this distgan reads {STATE_FORMAT}")
-        self.G_module.load_state_dict(state["G"])
-        self.D_module.load_state_dict(state["D"])
-        self.G_ema.load_state_dict(state["G_ema"])
-        self.opt_G.load_state_dict(state["opt_G"])
-        self.opt_D.load_state_dict(state["opt_D"])
+        try:
+            self.G_module.load_state_dict(state["G"])
+            self.D_module.load_state_dict(state["D"])
+            self.G_ema.load_state_dict(state["G_ema"])
+            self.opt_G.load_state_dict(state["opt_G"])
+            self.opt_D.load_state_dict(state["opt_D"])
+        except (RuntimeError, ValueError, KeyError) as e:  # e.g. a model change let through --allow-config-change
+            first = " ".join(str(e).split())[:240]
+            raise CheckpointError(f"the checkpoint's networks do not fit this config's model: {first}") from None
+        # The optimizers' learning rates and betas come from this config, not the checkpoint (they are part of what
+        # --allow-config-change may change; unchanged, they are the same values).
+        for opt, net in ((self.opt_G, "G"), (self.opt_D, "D")):
+            for group in opt.param_groups:
+                group.update(self.hparams[net])
         if state["scaler_G"]:  # empty when the run that saved it did not scale
             self.scaler_G.load_state_dict(state["scaler_G"])
         if state["scaler_D"]:

@@ -110,10 +110,12 @@ class Watchdog:
             try:
                 if self._store is not None:
                     self._store.set(f"hb/{rank}", json.dumps([*self.pos, self.what]))
+                    if self._store.check(["hb/verdict"]):  # another rank judged first: act on its verdict
+                        self._finish(json.loads(self._store.get("hb/verdict")))
             except Exception:  # noqa: BLE001, S110 (rank 0, the store's host, is gone: judged below)
                 pass
             stalled = time.monotonic() - self._last_beat
-            if stalled < self.timeout:
+            if stalled < self.timeout or self._stop.is_set():
                 continue
             beats = {rank: [*self.pos, self.what]}
             try:
@@ -122,39 +124,50 @@ class Watchdog:
                     beats = {r: json.loads(v) for r, v in enumerate(self._store.multi_get(keys))}
             except Exception:  # noqa: BLE001, S110 (no store: this rank judges by itself)
                 pass
-            if self._stop.is_set():
-                return
-            self._fail(beats, stalled)
+            verdict = self._judge(beats, stalled)
+            try:  # the first verdict written wins, so every rank tells the same story
+                if self._store is not None:
+                    verdict = json.loads(self._store.compare_set("hb/verdict", "", json.dumps(verdict)))
+            except Exception:  # noqa: BLE001, S110
+                pass
+            self._finish(verdict)
 
-    def _fail(self, beats: dict[int, list], stalled: float) -> None:
+    def _judge(self, beats: dict[int, list], stalled: float) -> list:
+        """[reporting rank, message]: who is behind, where, and for how long the others waited."""
         low = min((step, phase) for step, phase, _ in beats.values())
         behind = sorted(r for r, (step, phase, _) in beats.items() if (step, phase) == low)
         rest = sorted(set(beats) - set(behind))
+        limit = f"train.hang_timeout_s={self.timeout:g}"
         if rest:
             where = "; ".join(f"rank {r} in step {beats[r][0]} ({beats[r][2]})" for r in behind)
-            msg = (
-                f"rank{'s' if len(behind) > 1 else ''} {', '.join(map(str, behind))} hung: {where}, while "
-                f"rank{'s' if len(rest) > 1 else ''} {', '.join(map(str, rest))} waited "
-                f"{stalled:.0f} s (train.hang_timeout_s={self.timeout:g})"
-            )
-            reporter = rest[0]
-        elif len(beats) < self.dist.world_size:  # the others' beats are out of reach: speak for this rank
-            step, _, what = beats[self.dist.rank]
-            msg = (
-                f"rank {self.dist.rank} made no progress for {stalled:.0f} s in step {step} ({what}) "
-                f"(train.hang_timeout_s={self.timeout:g})"
-            )
-            reporter = self.dist.rank
-        else:
-            step, _, what = beats[self.dist.rank]
-            msg = (
-                f"no progress for {stalled:.0f} s on any rank, all at step {step} ({what}) "
-                f"(train.hang_timeout_s={self.timeout:g})"
-            )
-            reporter = min(beats)
+            s_behind, s_rest = ("s" if len(behind) > 1 else ""), ("s" if len(rest) > 1 else "")
+            return [
+                rest[0],
+                f"rank{s_behind} {', '.join(map(str, behind))} hung: {where}, while rank{s_rest} "
+                f"{', '.join(map(str, rest))} waited {stalled:.0f} s ({limit})",
+            ]
+        step, _, what = beats[self.dist.rank]
+        if len(beats) < self.dist.world_size:  # the others' beats are out of reach: speak for this rank only
+            return [self.dist.rank, f"rank {self.dist.rank} made no progress for {stalled:.0f} s in step {step} "
+                    f"({what}); the other ranks could not be asked ({limit})"]  # fmt: skip
+        return [min(beats), f"no progress for {stalled:.0f} s on any rank, all at step {step} ({what}) ({limit})"]
+
+    def _finish(self, verdict: list) -> None:
+        """Print the verdict (its reporting rank only) and exit; rank 0 hosts the store, so it leaves last."""
+        reporter, msg = verdict
         if self.dist.rank == reporter:
             sys.stdout.flush()
             print(f"distgan: error: {msg}; stopping (exit code {EXIT_HUNG})", file=sys.stderr, flush=True)
+        if self._store is not None:
+            try:
+                self._store.add("hb/done", 1)
+                deadline = time.monotonic() + 3 * self.interval + 2
+                while self.dist.is_main and time.monotonic() < deadline:
+                    if self._store.add("hb/done", 0) >= self.dist.world_size:
+                        break
+                    time.sleep(0.05)
+            except Exception:  # noqa: BLE001, S110
+                pass
         os._exit(EXIT_HUNG)
 
 

@@ -242,7 +242,12 @@ class ShardStream:
             self._it = iter(self.dataset)
             return
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=None, num_workers=self.loader_workers, prefetch_factor=4, persistent_workers=False
+            self.dataset,
+            batch_size=None,
+            num_workers=self.loader_workers,
+            prefetch_factor=4,
+            persistent_workers=False,
+            worker_init_fn=_die_with_rank,
         )
         self._it = iter(loader)
 
@@ -315,6 +320,21 @@ class ShardStream:
 
     def close(self) -> None:
         self._it = None  # a DataLoader iterator shuts its workers down when released
+
+
+def _die_with_rank(worker_id: int) -> None:
+    """Loader workers die with their rank (Linux): a SIGKILLed rank's workers would otherwise live on for ~5 s,
+    holding the rank's inherited sockets open, so its peers notice the death late and a restart finds stragglers."""
+    import ctypes
+    import os
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: torch's own parent check still ends the worker
+        return
+    if os.getppid() == 1:  # the rank died before prctl took effect
+        os._exit(0)
 
 
 def _stack(images: list[np.ndarray]) -> torch.Tensor:

@@ -1,0 +1,163 @@
+"""A run stopped twice and resumed from its checkpoint files is the uninterrupted run, bit for bit, on 2 ranks.
+
+Straight: 12 steps of 2 gloo ranks streaming from shards (a loader worker per rank, shuffle blocks of 5), in
+deterministic mode. Resumed: the same 12 steps in three launches of fresh processes (a real stop each time):
+0 -> 6 and save (next to the straight run, in the first launch), load -> 9 and save, load -> 12. Every save
+is `Trainer.fit`'s final checkpoint in a run dir, every load goes through `find_latest` and `load_checkpoint`.
+After every step and on every rank, the losses (their float bits) and sha256s of G, D, G_ema, the BatchNorm
+buffers and both optimizers' states must be identical in the two runs.
+
+The shards hold 256 samples (16 steps of 16 per epoch), so both resume points are inside epoch 0 and the data
+position matters: the control loads the step-6 checkpoint but restarts the data stream from the beginning, and
+its first step's losses differ. Further controls: the two ranks see different data (their losses differ) while
+DDP keeps their parameters and optimizer states equal.
+
+Every run samples every 3 steps (= BatchNorm buffers averaged over ranks at steps 3, 6, 9, 12), so the saves
+at 6 and 9 sync buffers exactly where the straight run does too.
+"""
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from support import make_trainer, run_ranks, write_shards
+
+pytestmark = pytest.mark.dist
+
+N = 12  # steps of 16 images
+SEGMENTS = (6, 9, 12)
+
+
+def _args(folder, end_step):
+    return (
+        "data.source=shards",
+        f"data.shards={folder}",
+        "data.workers=1",
+        "data.shuffle_buffer=5",
+        "train.deterministic=true",
+        f"train.total_kimg={end_step * 16 / 1000}",
+        "train.sample_every_kimg=0.048",  # every 3 steps: buffers synced at 3, 6, 9, 12 in every run
+        "train.ckpt_every_kimg=1000",  # only fit's final save
+        "train.keep_ckpts=5",
+    )
+
+
+def _digest(tensors) -> str:
+    h = hashlib.sha256()
+    for name, t in tensors:
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _opt_digest(opt) -> str:
+    sd = opt.state_dict()
+    items = [(f"{i}.{k}", v) for i in sorted(sd["state"]) for k, v in sorted(sd["state"][i].items())]
+    return _digest(items) + repr(sd["param_groups"])
+
+
+def _bits(t) -> int:
+    return int(t.detach().float().reshape(()).view(torch.int32).item())
+
+
+def _snapshot(tr) -> dict:
+    bufs = [(f"{n}.{k}", b) for n, m in (("G", tr.G_module), ("D", tr.D_module), ("E", tr.G_ema.module))
+            for k, b in m.named_buffers()]  # fmt: skip
+    return {
+        "nimg": tr.cur_nimg,
+        "loss_D": _bits(tr.stats.last("Loss/D/main")),
+        "loss_G": _bits(tr.stats.last("Loss/G/main")),
+        "G": _digest(tr.G_module.named_parameters()),
+        "D": _digest(tr.D_module.named_parameters()),
+        "G_ema": _digest(tr.G_ema.module.named_parameters()),
+        "buffers": _digest(bufs),
+        "opt_G": _opt_digest(tr.opt_G),
+        "opt_D": _opt_digest(tr.opt_D),
+    }
+
+
+def _launch(rank, world, folder, jobs):
+    """One launch of fresh processes running `jobs` in turn, each (run_dir, end_step, resume, control): a
+    trainer (resumed from the run dir's latest checkpoint) fits to `end_step`, which saves at the end."""
+    from distgan import distributed
+
+    assert "DISTGAN_FAULTS" not in os.environ
+    dist = distributed.setup("fp32", threads=1, deterministic=True)
+    return [_segment(dist, folder, *job) for job in jobs]
+
+
+def _segment(dist, folder, run_dir, end_step, resume, control):
+    from distgan.checkpoint import CheckpointManager
+    from distgan.trainer import find_latest
+
+    tr = make_trainer(*_args(folder, end_step), run_dir=run_dir, dist=dist)
+    ckpts = CheckpointManager(Path(run_dir))
+    loaded = None
+    if resume:
+        loaded = find_latest(dist, ckpts)
+        tr.load_checkpoint(loaded)
+    start = tr.step_idx
+    steps = {}
+    tr.fit(on_step=lambda t: steps.__setitem__(t.step_idx, _snapshot(t)))
+    tr.stream.close()
+    out = {"start": start, "steps": steps, "loaded": loaded and loaded.name, "saved": ckpts.latest().name}
+
+    if control:  # the same checkpoint, but the data stream starts over from the beginning of the shards
+        c = make_trainer(*_args(folder, end_step), dist=dist)
+        fresh = c.stream.state_dict()
+        c.load_checkpoint(loaded)
+        c.stream.load_state_dict(fresh)
+        c.train_step(*c.draw())
+        c.stream.close()
+        out["control"] = {"step": c.step_idx, **_snapshot(c)}
+    return out
+
+
+def test_stopped_twice_and_resumed_equals_straight_bit_for_bit(tmp_path):
+    folder = tmp_path / "shards"
+    write_shards(folder, 8, 32, resolution=32)  # 256 samples: an epoch is 16 steps, longer than the run
+    run = str(tmp_path / "resumed")
+    # Launch 1: the straight run (its own run dir), and the resumed run's first segment. Launches 2 and 3 are
+    # fresh processes that know only the resumed run dir.
+    first = run_ranks(_launch, 2, str(folder), [(str(tmp_path / "straight"), N, False, False), (run, 6, False, False)])
+    straight = [r[0] for r in first]
+    seg = [[r[1] for r in first]]
+    seg.append([r[0] for r in run_ranks(_launch, 2, str(folder), [(run, SEGMENTS[1], True, True)])])
+    seg.append([r[0] for r in run_ranks(_launch, 2, str(folder), [(run, SEGMENTS[2], True, False)])])
+
+    # Each launch resumed from the previous one's final checkpoint, on both ranks.
+    names = [f"ckpt-{s * 16:09d}" for s in SEGMENTS]
+    for i, launch in enumerate(seg):
+        for r in launch:
+            assert r["start"] == (0, *SEGMENTS)[i]
+            assert r["loaded"] == (None, *names)[i]
+            assert r["saved"] == names[i]
+            assert sorted(r["steps"]) == list(range((0, *SEGMENTS)[i] + 1, SEGMENTS[i] + 1))
+
+    for rank in range(2):
+        resumed = {k: v for launch in seg for k, v in launch[rank]["steps"].items()}
+        assert sorted(resumed) == sorted(straight[rank]["steps"]) == list(range(1, N + 1))
+        for step, want in straight[rank]["steps"].items():
+            got = resumed[step]
+            for key in want:
+                assert got[key] == want[key], f"rank {rank} step {step}: {key} differs after resume"
+
+    # Control: the step-6 checkpoint with the data stream reset draws other reals, so its losses differ.
+    for rank in range(2):
+        ctl, want = seg[1][rank]["control"], straight[rank]["steps"][SEGMENTS[0] + 1]
+        assert ctl["step"] == SEGMENTS[0] + 1 and ctl["nimg"] == want["nimg"]
+        assert ctl["loss_D"] != want["loss_D"] and ctl["loss_G"] != want["loss_G"]
+        assert ctl["D"] != want["D"]
+
+    # The ranks see different data but keep identical parameters and optimizer states (DDP).
+    for step, r0 in straight[0]["steps"].items():
+        r1 = straight[1]["steps"][step]
+        assert r0["loss_D"] != r1["loss_D"] and r0["loss_G"] != r1["loss_G"], step
+        for key in ("G", "D", "G_ema", "opt_G", "opt_D"):
+            assert r0[key] == r1[key], (step, key)
+    # And the networks did train: every step changed them.
+    digests = [straight[0]["steps"][s]["D"] for s in range(1, N + 1)]
+    assert len(set(digests)) == N
