@@ -44,7 +44,14 @@ def format_stats(values: dict[str, float], kimg: float) -> str:
     if "Memory/peak_gb" in values:
         parts.append(f"mem {values['Memory/peak_gb']:.2f}GB")
     skip = ("Timing/", "Memory/", "Progress/", "Data/")
-    parts += [f"{name} {v:.4g}" for name, v in sorted(values.items()) if not name.startswith(skip)]
+    quiet = ("/skipped",)  # shown only when something was skipped
+    parts += [
+        f"{name} {v:.4g}"
+        for name, v in sorted(values.items())
+        if not name.startswith(skip) and not (name.endswith(quiet) and not v)
+    ]
+    if values.get("Progress/rollbacks"):
+        parts.append(f"rollbacks {values['Progress/rollbacks']:.0f}")
     if values.get("Data/bad") or values.get("Data/refused_members"):  # data faults: only when there are some
         parts += [f"{n} {values[n]:.4g}" for n in ("Data/bad", "Data/bad_fraction", "Data/refused_members")]
     return "  ".join(parts)

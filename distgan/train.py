@@ -166,20 +166,17 @@ def _run(cfg, dist, run_dir_arg, resume, allow_config_change) -> dict:
         console.print(f"resumed from {ckpt_path} at {trainer.cur_nimg / 1000:.3f} kimg")
     if dist.is_main:  # only once the checkpoint is known to fit it: the run dir's config describes its checkpoints
         cfg.dump(run_dir / "config.yaml")
+    finished = trainer.cur_nimg >= cfg.train.total_kimg * 1000
     tracker = NullTracker()
-    if dist.is_main:
+    if dist.is_main and not finished:
         tracker = make_tracker(cfg.log.tracker, console, cfg, run_dir, state and state.get("tracker_run_id"))
-    if trainer.cur_nimg >= cfg.train.total_kimg * 1000:
-        console.print(
-            f"already trained to {trainer.cur_nimg / 1000:.3f} kimg >= train.total_kimg; "
-            "raise train.total_kimg to train further"
-        )
     start = time.time()
-    watchdog = Watchdog(dist, cfg.train.hang_timeout_s)
+    watchdog = Watchdog(dist, cfg.train.hang_timeout_s) if not finished else None
     try:
-        summary = trainer.fit(tracker, stop=stop, watchdog=watchdog)
+        summary = trainer.fit(tracker, stop=stop, watchdog=watchdog) if not finished else None
     finally:
-        watchdog.close()
+        if watchdog is not None:
+            watchdog.close()
         stop.close()
         tracker.finish()
         stream.close()
@@ -187,9 +184,15 @@ def _run(cfg, dist, run_dir_arg, resume, allow_config_change) -> dict:
     # Where everything is.
     latest = (ckpts.committed() or [None])[-1]
     samples = sorted((run_dir / "samples").glob("fakes-*.png"))
-    console.print(
-        f"done: {summary['kimg']:.3f} kimg in {_hms(time.time() - start)} ({summary['img_per_sec']:.0f} img/s)"
-    )
+    if finished:
+        console.print(
+            f"already trained to {trainer.cur_nimg / 1000:.3f} kimg >= train.total_kimg; "
+            "raise train.total_kimg to train further"
+        )
+        summary = {"kimg": trainer.cur_nimg / 1000, "wall_s": 0.0, "img_per_sec": 0.0}
+    else:
+        seconds = time.time() - start
+        console.print(f"done: {summary['kimg']:.3f} kimg in {_hms(seconds)} ({summary['img_per_sec']:.0f} img/s)")
     console.print(f"  samples:     {samples[-1] if samples else '(none)'}")
     console.print(f"  checkpoint:  {latest if latest else '(none)'}")
     console.print(f"  stats:       {run_dir / 'stats.jsonl'}")

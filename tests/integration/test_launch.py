@@ -71,6 +71,13 @@ def test_console_script_one_process_and_resume(tmp_path):
     )
     assert "resumed from" in out and "ckpt-000000128" in out
     assert (tmp_path / "run" / "checkpoints" / "ckpt-000000192").is_dir()
+    # The same command once more: nothing left to train, it says so and changes nothing.
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    out = run(
+        [str(BIN / "distgan"), "train", "--config", SMOKE, "--run-dir", "run", "train.total_kimg=0.192"], tmp_path
+    )
+    assert "already trained to 0.192 kimg" in out and "done:" not in out
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
 
 
 def test_changed_model_refuses_to_resume(tmp_path):

@@ -176,3 +176,12 @@ def test_fit_writes_run_dir_outputs(tmp_path):
     assert [p.name for p in ckpts] == ["ckpt-000000064", "ckpt-000000128"]
     lines = (tmp_path / "stats.jsonl").read_text().splitlines()
     assert len(lines) == 4  # log every 0.032 kimg = 2 steps of 16
+
+
+def test_console_line_shows_skips_and_rollbacks_only_when_there_are_some():
+    from distgan.tracking import format_stats
+
+    calm = format_stats({"Loss/D/main": 0.5, "D/skipped": 0.0, "G/skipped": 0.0, "Progress/rollbacks": 0}, 1.0)
+    assert "skipped" not in calm and "rollbacks" not in calm and "Loss/D/main 0.5" in calm
+    trouble = format_stats({"Loss/D/main": 0.5, "D/skipped": 0.25, "Progress/rollbacks": 1}, 1.0)
+    assert "D/skipped 0.25" in trouble and "rollbacks 1" in trouble
