@@ -29,7 +29,9 @@ Counts travel with the batches; the trainer sums them over ranks and stops the r
 
 from __future__ import annotations
 
+import atexit
 import tarfile
+import weakref
 from collections.abc import Iterator
 
 import numpy as np
@@ -250,6 +252,7 @@ class ShardStream:
             worker_init_fn=_die_with_rank,
         )
         self._it = iter(loader)
+        _live_iterators.add(self._it)
 
     def __next__(self) -> torch.Tensor:
         if self._it is None:
@@ -322,13 +325,35 @@ class ShardStream:
         self._it = None  # a DataLoader iterator shuts its workers down when released
 
 
+# Loader workers ignore SIGTERM (below), so Python's exit-time terminate() of daemon processes cannot end one that
+# was not shut down the normal way (an iterator kept alive by a traceback): kill those first, or the exit would wait.
+_live_iterators: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_leftover_workers() -> None:
+    for it in list(_live_iterators):
+        for w in getattr(it, "_workers", []):
+            if w.is_alive():
+                w.kill()
+
+
 def _die_with_rank(worker_id: int) -> None:
-    """Loader workers die with their rank (Linux): a SIGKILLed rank's workers would otherwise live on for ~5 s,
-    holding the rank's inherited sockets open, so its peers notice the death late and a restart finds stragglers."""
+    """Loader workers leave stopping to their rank, and die with it.
+
+    Stop signals: a scheduler's SIGTERM or SIGUSR1 often reaches every process of the job, workers included. A worker
+    killed by it makes the rank fail ("DataLoader worker killed by signal") before it can save; so workers ignore
+    them, the rank saves and then shuts its workers down. Death (Linux): a SIGKILLed rank's workers would otherwise
+    live on for ~5 s holding the rank's inherited sockets, so its peers notice late and a restart finds stragglers.
+    """
     import ctypes
     import os
     import signal
 
+    from distgan.watchdog import STOP_SIGNALS
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux: torch's own parent check still ends the worker

@@ -361,6 +361,45 @@ def test_stop_signal_to_one_rank_saves_on_all_and_resumes(tmp_path, signum, targ
     assert verify(final) is None
 
 
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return kids
+
+
+def test_stop_signal_to_a_rank_and_its_loader_workers_still_saves(tmp_path):
+    """Schedulers signal every process of a job: a rank's loader workers get the SIGTERM too. They must leave
+    stopping to their rank (a worker killed by it used to fail the rank before it could save, exit 1, nothing
+    saved). Control: the workers exist and are signalled; the rank still saves and both ranks exit 3."""
+    from support import write_shards
+
+    write_shards(tmp_path / "shards", 4, 64, resolution=32)
+    run_dir = tmp_path / "run"
+    data = ["data.source=shards", f"data.shards={tmp_path / 'shards'}", "data.workers=1"]
+    args = [*TRAIN, "--run-dir", str(run_dir), "train.ckpt_every_kimg=1000", "train.sample_every_kimg=1000", *data]
+    args.append("train.total_kimg=100")
+    ranks = Ranks(tmp_path, args)
+    deadline = time.time() + 120
+    while len(stats_nimg(run_dir)) < 2:
+        assert all(ranks.alive()) and time.time() < deadline, ranks.tails()
+        time.sleep(0.05)
+    target = ranks.procs[1].pid
+    workers = _children(target)
+    assert workers, "rank 1 has no loader worker to signal"
+    for pid in [target, *workers]:
+        os.kill(pid, signal.SIGTERM)
+    codes = ranks.codes(120)
+    assert codes == [EXIT_INTERRUPTED] * 2, ranks.tails()
+    assert "Traceback" not in ranks.stderr(0) + ranks.stderr(1), ranks.tails()
+    names = [n for n in ckpt_names(run_dir) if n.startswith("ckpt-")]
+    assert len(names) == 1 and verify(run_dir / "checkpoints" / names[0]) is None
+    print(f"\nSIGTERM to rank 1 and its {len(workers)} loader worker(s): exit codes {codes}, saved {names[0]}")
+
+
 # ---------------------------------------------------------------------- 3. a hung rank
 
 
