@@ -206,7 +206,13 @@ def find_checkpoint(ckpts, resume: str, dist, find_latest) -> Path | None:
     from distgan.checkpoint import verify
 
     if resume == "latest":
-        return find_latest(dist, ckpts)
+        path = find_latest(dist, ckpts)
+        if path is None and ckpts.committed():  # never start a long run over silently because its checkpoints rot
+            raise CheckpointError(
+                f"none of the {len(ckpts.committed())} checkpoint(s) in {ckpts.dir} verifies (see the warnings); "
+                "move them out of the way to start over, or --resume PATH a good copy"
+            )
+        return path
     if resume == "none":
         if ckpts.committed():
             raise CheckpointError(

@@ -152,6 +152,16 @@ def test_every_checkpoint_damaged_means_none(run_copy):
     assert len(warnings) == 2 and ckpt_name(128) in warnings[0] and ckpt_name(64) in warnings[1]
 
 
+def test_cli_refuses_to_start_over_when_every_checkpoint_is_corrupted(run_copy, tmp_path):
+    # Starting from zero without a word would throw away a long run and, via keep-last-k, its evidence.
+    for nimg in (64, 128):
+        _flip(run_copy / "checkpoints" / ckpt_name(nimg))
+    p = cli(tmp_path, "--config", SMOKE, "--run-dir", run_copy)
+    assert p.returncode == 2
+    assert "none of the 2 checkpoint(s)" in one_error(p) and "does not match its sha256" in p.stdout
+    assert sorted(x.name for x in (run_copy / "checkpoints").iterdir()) == [ckpt_name(64), ckpt_name(128)]
+
+
 # ---------------------------------------------------------------------- keep, disk full, non-finite
 
 
