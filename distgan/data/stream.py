@@ -30,8 +30,8 @@ Counts travel with the batches; the trainer sums them over ranks and stops the r
 from __future__ import annotations
 
 import atexit
+import multiprocessing.util  # noqa: F401 (see _kill_leftover_workers)
 import tarfile
-import weakref
 from collections.abc import Iterator
 
 import numpy as np
@@ -252,7 +252,7 @@ class ShardStream:
             worker_init_fn=_die_with_rank,
         )
         self._it = iter(loader)
-        _live_iterators.add(self._it)
+        _workers[:] = [w for w in _workers if w.is_alive()] + list(getattr(self._it, "_workers", []))
 
     def __next__(self) -> torch.Tensor:
         if self._it is None:
@@ -325,17 +325,19 @@ class ShardStream:
         self._it = None  # a DataLoader iterator shuts its workers down when released
 
 
-# Loader workers ignore SIGTERM (below), so Python's exit-time terminate() of daemon processes cannot end one that
-# was not shut down the normal way (an iterator kept alive by a traceback): kill those first, or the exit would wait.
-_live_iterators: weakref.WeakSet = weakref.WeakSet()
+# Loader workers ignore SIGTERM (below), so multiprocessing's exit-time terminate() + join() of daemon processes
+# would wait forever on one still running at exit (a stream never closed, an iterator kept by a traceback). This
+# hook kills them first: atexit runs hooks last-registered-first, and multiprocessing.util (imported above)
+# registered its own before this one.
+_workers: list = []
 
 
 @atexit.register
 def _kill_leftover_workers() -> None:
-    for it in list(_live_iterators):
-        for w in getattr(it, "_workers", []):
-            if w.is_alive():
-                w.kill()
+    for w in _workers:
+        if w.is_alive():
+            w.kill()
+            w.join(5)
 
 
 def _die_with_rank(worker_id: int) -> None:

@@ -307,3 +307,25 @@ def test_prepared_shards_are_plain_webdataset(tmp_path):
     assert sorted(theirs) == sorted(ours.last_keys) and len(theirs) == 40
     for key, image in zip(ours.last_keys, images):
         assert torch.equal(torch.tensor(theirs[key]).permute(2, 0, 1), image)
+
+
+EXIT_WITH_A_LIVE_WORKER = """
+from distgan.config import load_config
+from distgan.data.stream import ShardStream
+cfg = load_config(None, ["data.source=shards", "data.shards={folder}", "data.workers=1"]).data
+stream = ShardStream(cfg, 8, 3, 4, 0, 1, 0)
+next(stream)  # a loader worker is running; the stream is never closed
+print("exiting", flush=True)
+"""
+
+
+def test_a_process_exits_promptly_with_an_unclosed_stream(tmp_path):
+    # Loader workers ignore SIGTERM (a scheduler's signal is for their rank), so Python's exit-time terminate()
+    # cannot end them; without distgan's exit hook this process never exits (it hung CI once).
+    import subprocess
+    import sys
+
+    write_shards(tmp_path, 2, 8)
+    code = EXIT_WITH_A_LIVE_WORKER.format(folder=tmp_path)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "exiting" in p.stdout, p.stderr[-2000:]
