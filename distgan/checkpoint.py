@@ -77,6 +77,12 @@ class CheckpointManager:
             self.warn(f"checkpoint {path} is not usable ({problem}); trying the previous one")
         return None
 
+    def latest_on_every_rank(self, dist) -> Path | None:
+        """`latest()` chosen by rank 0 (only it verifies and warns) and given to every rank (a collective)."""
+        path = self.latest() if dist.is_main else None
+        path = dist.broadcast_object(str(path) if path else None)
+        return Path(path) if path else None
+
     # ------------------------------------------------------------------ saving
     def save(self, dist, nimg: int, files: dict[str, bytes]) -> Path:
         """Commit checkpoint `nimg`: every rank passes its own files (distinct names). A collective."""
@@ -221,13 +227,6 @@ def _check_file(file: Path, info: dict, data: bytes | None = None) -> str | None
     return None
 
 
-def has_file(path: Path, name: str) -> bool:
-    try:
-        return name in read_manifest(path)["files"]
-    except (OSError, ValueError):
-        return False
-
-
 def load_file(path: Path, name: str):
     """One file of a committed checkpoint, hash-checked, read with torch.load(weights_only=True)."""
     import torch
@@ -287,12 +286,11 @@ def _fsync_dir(path: Path) -> None:
 
 def _discard(path: Path) -> None:
     """Remove a folder so that it vanishes at once: rename it away, then delete."""
-    trash = path.with_name(f".trash-{path.name.lstrip('.')}-{os.getpid()}")
-    if path.name.startswith(".trash-"):
-        trash = path
-    else:
+    if not path.name.startswith(".trash-"):
+        trash = path.with_name(f".trash-{path.name.lstrip('.')}-{os.getpid()}")
         os.rename(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+        path = trash
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _oserror(e: OSError) -> str:

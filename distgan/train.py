@@ -124,7 +124,7 @@ def _run(cfg, dist, run_dir_arg, resume, allow_config_change) -> dict:
     from distgan.console import Console
     from distgan.data import make_stream
     from distgan.tracking import NullTracker, make_tracker
-    from distgan.trainer import Trainer, find_latest
+    from distgan.trainer import Trainer
     from distgan.watchdog import StopSignals, Watchdog
 
     # Stop signals only set a flag from now on; the ranks act on it together at a step boundary (watchdog.py).
@@ -139,7 +139,7 @@ def _run(cfg, dist, run_dir_arg, resume, allow_config_change) -> dict:
 
     # Find the checkpoint to resume from (rank 0 verifies, everyone loads it), check it belongs to this config.
     ckpts = CheckpointManager(run_dir, keep=cfg.train.keep_ckpts, warn=lambda msg: console.print(f"warning: {msg}"))
-    ckpt_path = find_checkpoint(ckpts, resume, dist, find_latest)
+    ckpt_path = find_checkpoint(ckpts, resume, dist)
     state = load_file(ckpt_path, "state.pt") if ckpt_path is not None else None
     if state is not None:
         check_resumable(state["config"], cfg, allow_config_change)
@@ -201,12 +201,12 @@ def _run(cfg, dist, run_dir_arg, resume, allow_config_change) -> dict:
     return summary
 
 
-def find_checkpoint(ckpts, resume: str, dist, find_latest) -> Path | None:
+def find_checkpoint(ckpts, resume: str, dist) -> Path | None:
     """The checkpoint to start from: the newest verified one (`latest`), none, or a given folder."""
     from distgan.checkpoint import verify
 
     if resume == "latest":
-        path = find_latest(dist, ckpts)
+        path = ckpts.latest_on_every_rank(dist)
         if path is None and ckpts.committed():  # never start a long run over silently because its checkpoints rot
             raise CheckpointError(
                 f"none of the {len(ckpts.committed())} checkpoint(s) in {ckpts.dir} verifies (see the warnings); "

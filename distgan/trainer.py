@@ -395,7 +395,7 @@ class Trainer:
                 f"{why} at {self.cur_nimg / 1000:.3f} kimg, after {self.rollbacks} rollback(s) "
                 f"(train.max_rollbacks={limit}); lower the learning rates or try train.precision=fp32"
             )
-        path = find_latest(self.dist, ckpts) if ckpts is not None else None
+        path = ckpts.latest_on_every_rank(self.dist) if ckpts is not None else None
         if path is None:
             raise Diverged(f"{why} at {self.cur_nimg / 1000:.3f} kimg, and there is no checkpoint to roll back to")
         rollbacks, skips = self.rollbacks + 1, self.skips_total
@@ -600,13 +600,6 @@ class Trainer:
             tensors += [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
         floats = [t for t in tensors if t.is_floating_point()]
         return int(sum((~torch.isfinite(t)).sum() for t in floats)) if floats else 0
-
-
-def find_latest(dist, ckpts: CheckpointManager) -> Path | None:
-    """The newest verified checkpoint, chosen by rank 0 (it warns about any it skips) for every rank."""
-    path = ckpts.latest() if dist.is_main else None
-    path = dist.broadcast_object(str(path) if path else None)
-    return Path(path) if path else None
 
 
 def _to_bytes(obj) -> bytes:

@@ -3,7 +3,8 @@
 Straight: 12 steps of 2 gloo ranks streaming from shards (a loader worker per rank, shuffle blocks of 5), in
 deterministic mode. Resumed: the same 12 steps in three launches of fresh processes (a real stop each time):
 0 -> 6 and save (next to the straight run, in the first launch), load -> 9 and save, load -> 12. Every save
-is `Trainer.fit`'s final checkpoint in a run dir, every load goes through `find_latest` and `load_checkpoint`.
+is `Trainer.fit`'s final checkpoint in a run dir, every load goes through
+`CheckpointManager.latest_on_every_rank` and `load_checkpoint`.
 After every step and on every rank, the losses (their float bits) and sha256s of G, D, G_ema, the BatchNorm
 buffers and both optimizers' states must be identical in the two runs.
 
@@ -91,13 +92,12 @@ def _launch(rank, world, folder, jobs):
 
 def _segment(dist, folder, run_dir, end_step, resume, control):
     from distgan.checkpoint import CheckpointManager
-    from distgan.trainer import find_latest
 
     tr = make_trainer(*_args(folder, end_step), run_dir=run_dir, dist=dist)
     ckpts = CheckpointManager(Path(run_dir))
     loaded = None
     if resume:
-        loaded = find_latest(dist, ckpts)
+        loaded = ckpts.latest_on_every_rank(dist)
         tr.load_checkpoint(loaded)
     start = tr.step_idx
     steps = {}

@@ -38,6 +38,11 @@ def _digest(module) -> str:
     return h.hexdigest()
 
 
+def _weights(tr) -> dict:
+    """The final weights, flat, per network (compared across ranks and variants)."""
+    return {"D": flat(tr.D_module), "G": flat(tr.G_module), "G_ema": flat(tr.G_ema.module)}
+
+
 def _record(tr) -> dict:
     return {
         "step": tr.step_idx,
@@ -79,13 +84,7 @@ def _skip_runs(rank, world):
             tr.loss = _InfDLossAt(tr.loss, tr, rank=1, step=3)
         steps = [{"step": 0, "D": _digest(tr.D_module), "G": _digest(tr.G_module)}]
         tr.fit(on_step=lambda t, rec=steps: rec.append(_record(t)))
-        out[variant] = {
-            "steps": steps,
-            "skips_total": tr.skips_total,
-            "D": flat(tr.D_module),
-            "G": flat(tr.G_module),
-            "G_ema": flat(tr.G_ema.module),
-        }
+        out[variant] = {"steps": steps, "skips_total": tr.skips_total, **_weights(tr)}
     os.environ.pop("DISTGAN_FAULTS")
     return out
 
@@ -146,15 +145,8 @@ def _rollback_runs(rank, world, root):
         tr.console = Console(dist.is_main, run_dir / "log.txt", "none")
         steps = []
         tr.fit(on_step=lambda t, rec=steps: rec.append(_record(t)))
-        out[name] = {
-            "steps": steps,
-            "rollbacks": tr.rollbacks,
-            "nimg": tr.cur_nimg,
-            "step": tr.step_idx,
-            "D": flat(tr.D_module),
-            "G": flat(tr.G_module),
-            "G_ema": flat(tr.G_ema.module),
-        }
+        counters = {"rollbacks": tr.rollbacks, "nimg": tr.cur_nimg, "step": tr.step_idx}
+        out[name] = {"steps": steps, **counters, **_weights(tr)}
     os.environ.pop("DISTGAN_FAULTS")
     return out
 

@@ -324,7 +324,6 @@ def test_manifest_entry_that_is_not_a_file_record_is_refused(run_copy, entry):
 
 def test_resume_path_outside_the_run_root_is_refused(run_copy, tmp_path):
     from distgan.train import find_checkpoint
-    from distgan.trainer import find_latest
 
     good = run_copy / "checkpoints" / ckpt_name(128)
     outside = tmp_path / "outside" / ckpt_name(128)
@@ -345,13 +344,13 @@ def test_resume_path_outside_the_run_root_is_refused(run_copy, tmp_path):
     # The same check in-process: a file means its folder; a link or '..' cannot smuggle a folder in.
     ckpts = CheckpointManager(tmp_path / "runs" / "x")
     dist = make_trainer().dist
-    assert find_checkpoint(ckpts, str(inside), dist, find_latest) == inside
-    assert find_checkpoint(ckpts, str(inside / "state.pt"), dist, find_latest) == inside  # a file: its folder
+    assert find_checkpoint(ckpts, str(inside), dist) == inside
+    assert find_checkpoint(ckpts, str(inside / "state.pt"), dist) == inside  # a file: its folder
     link = tmp_path / "runs" / "link"
     link.symlink_to(outside.parent)  # under the root by name, outside it in fact
     for path in (outside, link / ckpt_name(128), tmp_path / "runs" / ".." / "outside" / ckpt_name(128)):
         with pytest.raises(CheckpointError, match="outside the run root"):
-            find_checkpoint(ckpts, str(path), dist, find_latest)
+            find_checkpoint(ckpts, str(path), dist)
 
 
 def test_cli_refuses_yaml_python_tags(tmp_path):
