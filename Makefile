@@ -8,7 +8,9 @@ PYTHON  ?= python3
 VENV    := .venv
 PY      := $(VENV)/bin/python
 # torch/torchvision must be a matching pair from the same index: the CPU-only torch wheel some machines carry
-# locally cannot load the registry's torchvision (see README, "Installing").
+# locally cannot load the registry's torchvision (see README, "Installing"). DeepSpeed installs without
+# compiling its ops (DS_BUILD_OPS=0): distgan uses torch's Adam, and the one op DeepSpeed needs on a CPU is
+# compiled on first use and cached in ~/.cache/torch_extensions.
 TORCH   := torch==2.14.1 torchvision==0.29.2
 CONFIG  ?= configs/default.yaml
 RUN_DIR ?=
@@ -21,7 +23,7 @@ install: $(STAMP)
 $(STAMP): setup.cfg setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check $(TORCH)
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --disable-pip-version-check -e ".[dev,deepspeed]"
 	@touch $(STAMP)
 	@echo "installed distgan into $(VENV)"
 

@@ -227,8 +227,12 @@ def _check_file(file: Path, info: dict, data: bytes | None = None) -> str | None
     return None
 
 
-def load_file(path: Path, name: str):
-    """One file of a committed checkpoint, hash-checked, read with torch.load(weights_only=True)."""
+def load_file(path: Path, name: str, safe_globals=()):
+    """One file of a committed checkpoint, hash-checked, read with torch.load(weights_only=True).
+
+    safe_globals: classes (beyond tensors and plain containers) the file may hold, e.g. DeepSpeed's records in
+    its ZeRO files; nothing else that a pickle names is ever constructed or called.
+    """
     import torch
 
     path = Path(path)
@@ -244,7 +248,8 @@ def load_file(path: Path, name: str):
     if problem:
         raise CheckpointError(f"checkpoint {path}: {problem}")
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses pickled code: say so in one line, never fall back
         text = " ".join(str(e).split())
         refused = re.search(r"Unsupported global: GLOBAL [^\s]+|unsupported GLOBAL [^\s]+", text, re.IGNORECASE)

@@ -124,6 +124,16 @@ class TrainConfig:
 
 
 @dataclass
+class DistConfig:
+    strategy: Literal["auto", "ddp", "zero1", "zero2", "zero3"] = _f(
+        "auto",
+        "how G and D are spread over processes: ddp (each rank holds everything, gradients all-reduced), "
+        "zero1/zero2 (DeepSpeed engines; optimizer state, and with zero2 gradients, partitioned over ranks); "
+        "auto: zeroN under an `accelerate launch` DeepSpeed config of stage N, else ddp",
+    )
+
+
+@dataclass
 class LogConfig:
     tracker: Literal["none", "console", "wandb"] = _f("console", "where stats go besides the run dir's stats.jsonl")
     wandb_project: str = _f("distgan", "W&B project")
@@ -141,6 +151,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     # ------------------------------------------------------------------ validation

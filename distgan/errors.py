@@ -57,3 +57,8 @@ class Diverged(Stop):
     """Non-finite values kept coming back after every allowed rollback."""
 
     exit_code = EXIT_DIVERGED
+
+
+class PhaseError(RuntimeError):
+    """A network was used against the rules of the adversarial phases (distgan/distributed/nets.py): a bug in the
+    caller, never a user mistake (exit code 1, traceback kept)."""

@@ -23,7 +23,7 @@ if __name__ == "__main__" and not __package__:
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from distgan import launcher  # noqa: E402
-from distgan.config import flatten, help_text, load_config, to_yaml  # noqa: E402
+from distgan.config import field_index, flatten, help_text, load_config, to_yaml  # noqa: E402
 from distgan.errors import CheckpointError, DataError, Stop, UserError  # noqa: E402
 
 # Config keys a resumed run may change; any other difference from the checkpoint's config is refused unless
@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides).validate(world_size=launcher.world_size())
         launcher.check_precision(cfg.train.precision)
+        # `auto` becomes what the launcher set up (ddp, or zeroN under an Accelerate DeepSpeed config), so the
+        # run dir's config and the checkpoint record the strategy that really ran.
+        cfg.dist.strategy = launcher.resolve_strategy(cfg.dist.strategy, cfg.train.precision)
     except UserError as e:
         return _fail(e)
     if args.print_config:
@@ -134,7 +137,8 @@ def _run(cfg, dist, run_dir_arg, resume, allow_config_change) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     console = Console(dist.is_main, run_dir / "log.txt", cfg.train.progress)
-    console.print(f"distgan {__version__}: {dist.describe(cfg.train.precision)}")
+    strategy = launcher.resolve_strategy(cfg.dist.strategy, cfg.train.precision)
+    console.print(f"distgan {__version__}: {dist.describe(cfg.train.precision, strategy)}")
     console.print(f"run dir: {run_dir}")
 
     # Find the checkpoint to resume from (rank 0 verifies, everyone loads it), check it belongs to this config.
@@ -246,6 +250,9 @@ def find_checkpoint(ckpts, resume: str, dist) -> Path | None:
 def check_resumable(saved: dict, cfg, allow_change: bool) -> None:
     """Refuse to resume a checkpoint made with a different model/loss/optimizer/data config."""
     old, new = flatten(saved), flatten(cfg.to_dict())
+    # Keys newer than the checkpoint take their defaults; every checkpoint from before strategies existed is DDP.
+    defaults = {key: info.default for key, info in field_index().items()}
+    old = {**defaults, "dist.strategy": "ddp", **old}
     diffs = [
         f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
         for k in sorted(set(old) | set(new))

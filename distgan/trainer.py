@@ -10,10 +10,12 @@ One training step, read top to bottom in `train_step`:
     G_reg        path-length penalty      (every g_reg_interval steps)
     G_ema        moving average of G's weights
 
-Every phase toggles which network may receive gradients, runs one backward (one gradient all-reduce for DDP)
-and steps that network's own optimizer through that network's own loss scaler. D is frozen
-(`requires_grad_(False)`) during G's phases, so G's backward leaves D's gradients alone, and D is called
-there through its unwrapped module, so DDP does not expect a D gradient sync that never comes.
+Every phase toggles which network may receive gradients, runs one backward (one gradient reduction across
+ranks) and steps that network's own optimizer through that network's own loss scaler. G and D are `Net`s
+(distributed/nets.py): DDP modules or DeepSpeed ZeRO engines, and the phases say what each forward is for:
+`D(x)` in D's own phase, `D.penalty(x)` for a gradient penalty, `D.frozen(x)` while G trains. D is frozen
+(`requires_grad_(False)`) during G's phases, so G's backward leaves D's gradients alone; the nets refuse a use
+that breaks these rules instead of training wrong.
 
 Progress is counted in real images shown to D (`cur_nimg`); all random numbers of a step derive from
 (seed, rank, cur_nimg) so a resumed run draws what the uninterrupted run drew.
@@ -29,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from distgan import faults, rng
-from distgan.checkpoint import CheckpointManager, load_file, rank_file
+from distgan import faults, launcher, rng
+from distgan.checkpoint import CheckpointManager, load_file, rank_file, read_manifest
 from distgan.ema import EMA, ema_beta
 from distgan.errors import CheckpointError, DataError, Diverged, Interrupted
 from distgan.losses import LOSSES, gradient_penalty, input_gradients, path_lengths, r1_penalty
@@ -61,13 +63,9 @@ class Trainer:
 
         # Construct networks: identical initial weights on every rank (DDP would broadcast rank 0's anyway).
         torch.manual_seed(rng.derive_seed(t.seed, rng.INIT))
-        G, D = build_generator(cfg.model), build_discriminator(cfg.model)
-        self.G_ema = EMA(G.to(self.device))
-
-        # Distribute across processes: DDP (through Accelerate) when there are several.
-        self.G, self.D = dist.wrap(G), dist.wrap(D)
-        self.G_module, self.D_module = dist.unwrap(self.G), dist.unwrap(self.D)
-        self.params = {"G": list(self.G_module.parameters()), "D": list(self.D_module.parameters())}
+        self.G_module = build_generator(cfg.model).to(self.device)
+        self.D_module = build_discriminator(cfg.model).to(self.device)
+        self.G_ema = EMA(self.G_module)
 
         # One optimizer and one loss scaler per network.
         o = cfg.optim
@@ -79,6 +77,13 @@ class Trainer:
         self.opt_G = torch.optim.Adam(self.G_module.parameters(), **self.hparams["G"], foreach=True)
         self.opt_D = torch.optim.Adam(self.D_module.parameters(), **self.hparams["D"], foreach=True)
         self.scaler_G, self.scaler_D = self.precision.make_scaler(), self.precision.make_scaler()
+
+        # Distribute across processes: G and D as DDP modules (or plain ones in a world of one), or as two
+        # DeepSpeed ZeRO engines. The phases below only say what each forward is for (distributed/nets.py).
+        self.strategy = cfg.dist.strategy = launcher.resolve_strategy(cfg.dist.strategy, t.precision)
+        self.G = dist.make_net("G", self.G_module, self.opt_G, self.strategy, t.precision, self.batch_local)
+        self.D = dist.make_net("D", self.D_module, self.opt_D, self.strategy, t.precision, self.batch_local)
+        self.nets = {"G": self.G, "D": self.D}
 
         # Counters and running values (all part of the checkpoint).
         self.cur_nimg = 0
@@ -143,19 +148,20 @@ class Trainer:
         return x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.float()
 
     def _generate(self, z: torch.Tensor, with_grad: bool) -> torch.Tensor:
-        # With grad through the DDP wrapper (its backward will come in G_main); without, the plain module.
+        # With grad in G's own phase (its backward comes in G_main); without, the plain module.
         with torch.set_grad_enabled(with_grad), self.precision.autocast():
-            return (self.G if with_grad else self.G_module)(z)
+            return self.G(z) if with_grad else self.G_module(z)
 
     # ------------------------------------------------------------------ phases
 
     def _phase_D_main(self, real, fake, gen, with_reg: bool) -> None:
-        self._trainable_D(True)
+        self.D.set_trainable(True)
         lo = self.cfg.loss
-        if with_reg and lo.r1_gamma > 0:
+        r1_now = with_reg and lo.r1_gamma > 0
+        if r1_now:  # R1 in the main step: the real logits are also the penalty's, so they take its forward
             real = real.detach().requires_grad_(True)
         with self.precision.autocast():
-            real_logits = self.D(real)  # [B]
+            real_logits = self.D.penalty(real) if r1_now else self.D(real)  # [B]
             fake_logits = self.D(fake)  # [B]
         loss = self.loss.d_loss(real_logits.float(), fake_logits.float())
         self.stats.report("Loss/D/main", loss)
@@ -163,17 +169,17 @@ class Trainer:
         self.stats.report("D/fake_logit", fake_logits)
         if with_reg:
             loss = loss + self._d_penalties(real, real_logits, fake, gen, gain=1)
-        self._optimize("D", loss, self.opt_D, self.scaler_D)
+        self._optimize("D", loss, self.scaler_D)
 
     def _phase_D_reg(self, real, fake, gen) -> None:
-        self._trainable_D(True)
+        self.D.set_trainable(True)
         real = real.detach().requires_grad_(True)
         real_logits = None
         if self.cfg.loss.r1_gamma > 0:
             with self.precision.autocast():
-                real_logits = self.D(real)
+                real_logits = self.D.penalty(real)
         loss = self._d_penalties(real, real_logits, fake, gen, gain=self.cfg.loss.d_reg_interval)
-        self._optimize("D", loss, self.opt_D, self.scaler_D)
+        self._optimize("D", loss, self.scaler_D)
 
     def _d_penalties(self, real, real_logits, fake, gen, gain: int) -> torch.Tensor:
         # gain = the regularisation interval: a penalty applied every N steps weighs N times as much.
@@ -189,28 +195,28 @@ class Trainer:
             u = torch.rand([real.shape[0], 1, 1, 1], generator=gen, device=self.device)
             x_hat = torch.lerp(real.detach(), fake.detach().float(), u).requires_grad_(True)
             with self.precision.autocast():
-                logits = self.D(x_hat)
+                logits = self.D.penalty(x_hat)
             gp = gradient_penalty(input_gradients(logits, x_hat, scale))  # [B]
             self.stats.report("Loss/D/gp", gp)
             total = total + gp.mean() * lo.gp_weight * gain + logits.float().mean() * 0
         return total
 
     def _phase_G_main(self, fake, gen, with_reg: bool) -> None:
-        self._trainable_D(False)  # D is frozen: G's backward must not touch D's gradients
+        self.D.set_trainable(False)  # D is frozen: G's backward must not touch D's gradients
         with self.precision.autocast():
-            fake_logits = self.D_module(fake)
+            fake_logits = self.D.frozen(fake)
         loss = self.loss.g_loss(fake_logits.float())
         self.stats.report("Loss/G/main", loss)
         if with_reg:
             loss = loss + self._g_penalty(gen, gain=1)
-        self._optimize("G", loss, self.opt_G, self.scaler_G)
-        self._trainable_D(True)
+        self._optimize("G", loss, self.scaler_G)
+        self.D.set_trainable(True)
 
     def _phase_G_reg(self, gen) -> None:
-        self._trainable_D(False)
+        self.D.set_trainable(False)
         loss = self._g_penalty(gen, gain=self.cfg.loss.g_reg_interval)
-        self._optimize("G", loss, self.opt_G, self.scaler_G)
-        self._trainable_D(True)
+        self._optimize("G", loss, self.scaler_G)
+        self.D.set_trainable(True)
 
     def _g_penalty(self, gen, gain: int) -> torch.Tensor:
         # Path length on the latent: ||J_G(z)^T y|| for random unit-variance image directions y should stay
@@ -218,7 +224,7 @@ class Trainer:
         lo, m = self.cfg.loss, self.cfg.model
         z = torch.randn([self.batch_local, m.z_dim], generator=gen, device=self.device).requires_grad_(True)
         with self.precision.autocast():
-            img = self.G(z)  # [B, C, H, W]
+            img = self.G.penalty(z)  # [B, C, H, W]
         y = torch.randn(img.shape, generator=gen, device=self.device) / math.sqrt(img.shape[2] * img.shape[3])
         lengths = path_lengths(input_gradients(img.float() * y, z, self.precision.loss_scale(self.scaler_G)))
         batch_mean = self.dist.all_reduce_mean(lengths.detach().mean().clone())  # the same on every rank
@@ -228,38 +234,27 @@ class Trainer:
         self.stats.report("G/pl_mean", self.pl_mean)
         return penalty.mean() * lo.pl_weight * gain + img.float().mean() * 0
 
-    def _trainable_D(self, flag: bool) -> None:
-        for p in self.params["D"]:
-            p.requires_grad_(flag)
+    def _optimize(self, net: str, loss, scaler) -> None:
+        """Backward (gradients synced across ranks), then the network's step unless a gradient is not finite.
 
-    def _optimize(self, net: str, loss, opt, scaler) -> None:
-        """Backward (one gradient all-reduce under DDP), unscale, then step unless a gradient is not finite.
-
-        Every rank must skip the same updates. Gradients are all-reduced, so a non-finite gradient on one rank is
-        non-finite on all; a non-finite loss on one rank is made into one: `poison` is 0 when the loss is finite
-        and NaN when not, and multiplies one weight into the loss, so that weight's gradient becomes NaN
-        everywhere after the all-reduce (no extra collective, no host sync). The gradient norm then decides.
+        Every rank must skip the same updates. Gradients are reduced across ranks, so a non-finite gradient on one
+        rank is non-finite on all; a non-finite loss on one rank is made into one: `poison` is 0 when the loss is
+        finite and NaN when not, and multiplies one weight into the loss, so that weight's gradient becomes NaN
+        everywhere after the reduction (no extra collective, no host sync). The gradient norm then decides, under
+        DDP (nets.TorchNet) and DeepSpeed (zero.ZeroNet) alike.
         """
         if faults.fires("nan_loss", rank=self.dist.rank, step=self.step_idx, net=net):
             loss = loss * float("nan")
-        first = self.params[net][0]
+        first = self.nets[net].params[0]
         poison = torch.where(torch.isfinite(loss.detach()), 0.0, float("nan"))
         loss = loss + poison * first.view(-1)[0]
-        opt.zero_grad(set_to_none=True)
         self._mark(f"{net} backward")
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        grads = [p.grad for p in self.params[net] if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads)
-        self.stats.report(f"{net}/grad_norm", norm)
-        finite = bool(torch.isfinite(norm))  # identical on every rank (all-reduced gradients)
-        self.stats.report(f"{net}/skipped", 0.0 if finite else 1.0)
-        if scaler.is_enabled():  # fp16: the scaler skips exactly these steps itself and lowers its scale
+        if scaler.is_enabled():
             self.stats.report(f"{net}/loss_scale", scaler.get_scale())
-            scaler.step(opt)
-            scaler.update()
-        elif finite:
-            opt.step()
+        norm = self.nets[net].step(loss, scaler)
+        self.stats.report(f"{net}/grad_norm", norm)
+        finite = bool(torch.isfinite(norm))  # identical on every rank (reduced gradients)
+        self.stats.report(f"{net}/skipped", 0.0 if finite else 1.0)
         if not finite:
             self._skipped = True
 
@@ -498,14 +493,14 @@ class Trainer:
     # ================================================================== state
 
     def state_dict(self) -> dict:
-        """The state every rank shares (rank 0 saves it): networks, optimizers, scalers, counters, config."""
+        """The state every rank shares (rank 0 saves it): networks and optimizers (DDP; under ZeRO they are in
+        DeepSpeed's files, see checkpoint_files), G_ema, scalers, counters, config."""
         return {
             "format": STATE_FORMAT,
-            "G": self.G_module.state_dict(),
-            "D": self.D_module.state_dict(),
+            "strategy": self.strategy,
+            **self.G.shared_state(),  # "G", "opt_G" (DDP)
+            **self.D.shared_state(),
             "G_ema": self.G_ema.state_dict(),
-            "opt_G": self.opt_G.state_dict(),
-            "opt_D": self.opt_D.state_dict(),
             "scaler_G": self.scaler_G.state_dict(),
             "scaler_D": self.scaler_D.state_dict(),
             "cur_nimg": self.cur_nimg,
@@ -529,23 +524,29 @@ class Trainer:
             "stream": self.stream.state_dict(),
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, read=None, names=()) -> None:
+        """Restore from state.pt (`state`); under ZeRO also from DeepSpeed's files (`read(name, safe_globals)`,
+        `names`: the checkpoint's files). A collective under ZeRO."""
         if state.get("format") != STATE_FORMAT:
             raise CheckpointError(f"training state format {state.get('format')}, this distgan reads {STATE_FORMAT}")
+        saved = state.get("strategy", "ddp")
+        if saved.startswith("zero") != self.strategy.startswith("zero"):
+            raise CheckpointError(
+                f"the checkpoint was trained with dist.strategy={saved} and this run uses {self.strategy}; "
+                "DDP and ZeRO checkpoints hold the optimizer differently: resume with the same kind of strategy"
+            )
         try:
-            self.G_module.load_state_dict(state["G"])
-            self.D_module.load_state_dict(state["D"])
+            for net in self.nets.values():
+                net.load(state, read, names)
             self.G_ema.load_state_dict(state["G_ema"])
-            self.opt_G.load_state_dict(state["opt_G"])
-            self.opt_D.load_state_dict(state["opt_D"])
         except (RuntimeError, ValueError, KeyError) as e:  # e.g. a model change let through --allow-config-change
             first = " ".join(str(e).split())[:240]
             raise CheckpointError(f"the checkpoint's networks do not fit this config's model: {first}") from None
         # The optimizers' learning rates and betas come from this config, not the checkpoint (they are part of what
         # --allow-config-change may change; unchanged, they are the same values).
-        for opt, net in ((self.opt_G, "G"), (self.opt_D, "D")):
-            for group in opt.param_groups:
-                group.update(self.hparams[net])
+        for name, net in self.nets.items():
+            for group in net.param_groups:
+                group.update(self.hparams[name])
         if state["scaler_G"]:  # empty when the run that saved it did not scale
             self.scaler_G.load_state_dict(state["scaler_G"])
         if state["scaler_D"]:
@@ -570,6 +571,8 @@ class Trainer:
         from distgan.export import generator_bytes
 
         files = {rank_file(self.dist.rank): _to_bytes(self.rank_state())}
+        for net in self.nets.values():  # DeepSpeed's files of this rank under ZeRO (a collective); none under DDP
+            files.update(net.rank_files())
         if self.dist.is_main:
             files["state.pt"] = _to_bytes(self.state_dict())
             files["generator.safetensors"] = generator_bytes(
@@ -588,16 +591,20 @@ class Trainer:
     def load_checkpoint(self, path: Path, shared: dict | None = None) -> None:
         """Restore from a committed checkpoint (every rank; `shared` when state.pt was already read)."""
         shared = shared if shared is not None else load_file(path, "state.pt")
-        self.load_state_dict(shared)
         same_world = shared["world_size"] == self.dist.world_size
+        if not same_world and self.strategy.startswith("zero"):
+            raise CheckpointError(
+                f"{path} was saved by {shared['world_size']} processes under ZeRO, whose optimizer state is "
+                f"partitioned over them; resume it with {shared['world_size']} processes (this launch has "
+                f"{self.dist.world_size})"
+            )
+        names = list(read_manifest(path)["files"])
+        self.load_state_dict(shared, lambda name, safe_globals=(): load_file(path, name, safe_globals), names)
         self.load_rank_state(load_file(path, rank_file(self.dist.rank if same_world else 0)), same_world)
 
     @torch.no_grad()
     def _count_nonfinite(self) -> int:
-        tensors = [*self.G_module.state_dict().values(), *self.D_module.state_dict().values()]
-        tensors += list(self.G_ema.state_dict().values())
-        for opt in (self.opt_G, self.opt_D):
-            tensors += [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+        tensors = [*self.G.state_tensors(), *self.D.state_tensors(), *self.G_ema.state_dict().values()]
         floats = [t for t in tensors if t.is_floating_point()]
         return int(sum((~torch.isfinite(t)).sum() for t in floats)) if floats else 0
 

@@ -68,6 +68,11 @@ class StopSignals:
             except RuntimeError:  # a peer died mid-step: that error is already on its way up
                 pass
             self._work = None
+        if self.received:
+            # Stopping: keep only recording signals until the process is gone. The launcher may signal the ranks
+            # that are still finishing (torchrun SIGTERMs the others once one exits 3), and W&B's last flush or
+            # the loader shutdown must not die of it half-way.
+            return
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}

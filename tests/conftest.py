@@ -26,7 +26,14 @@ def require(ok: bool, reason: str) -> None:
 
 
 def pytest_configure(config):
-    for marker in ("dist: starts several processes", "slow: takes more than ~20 s", "integration: runs the CLI"):
+    for marker in (
+        "dist: starts several processes",
+        "slow: takes more than ~20 s",
+        "integration: runs the CLI",
+        "slurm: needs a SLURM cluster (the tests start one; Debian's slurmctld/slurmd/munge installed)",
+        "deepspeed: needs DeepSpeed (DS_ACCELERATOR=cpu on a machine without GPUs)",
+        "gpu: needs a CUDA GPU (never in CI)",
+    ):
         config.addinivalue_line("markers", marker)
 
 
@@ -53,6 +60,13 @@ def pytest_sessionfinish(session, exitstatus):
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if IN_CI and reporter is not None and reporter.stats.get("skipped") and exitstatus == 0:
         session.exitstatus = 1
+
+
+def require_deepspeed() -> None:
+    """DeepSpeed tests run on the CPU here (DS_ACCELERATOR=cpu, set by distgan itself when there is no GPU)."""
+    import importlib.util
+
+    require(importlib.util.find_spec("deepspeed") is not None, "DeepSpeed not installed: pip install -e '.[deepspeed]'")
 
 
 @pytest.fixture

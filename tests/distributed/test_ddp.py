@@ -25,7 +25,7 @@ def _one_step(rank, world, overrides, reals, latents, sync):
     if sync:
         tr.train_step(reals[:, sl], latents[:, sl], gen)
     else:
-        with tr.dist.no_sync(tr.G), tr.dist.no_sync(tr.D):
+        with tr.dist.no_sync(tr.G.wrapped), tr.dist.no_sync(tr.D.wrapped):
             tr.train_step(reals[:, sl], latents[:, sl], gen)
     return {"G": flat(tr.G_module), "D": flat(tr.D_module), "G0": None}
 
@@ -58,7 +58,7 @@ def _several_steps(rank, world, overrides, steps, sync):
         if sync:
             tr.train_step(*tr.draw())
         else:
-            with tr.dist.no_sync(tr.G), tr.dist.no_sync(tr.D):
+            with tr.dist.no_sync(tr.G.wrapped), tr.dist.no_sync(tr.D.wrapped):
                 tr.train_step(*tr.draw())
     out = {"G": flat(tr.G_module), "D": flat(tr.D_module), "G_ema": flat(tr.G_ema.module)}
 
@@ -115,8 +115,8 @@ def _count_syncs(rank, world, overrides, steps):
 
         return hook
 
-    tr.G.register_comm_hook(None, counting("G"))
-    tr.D.register_comm_hook(None, counting("D"))
+    tr.G.wrapped.register_comm_hook(None, counting("G"))
+    tr.D.wrapped.register_comm_hook(None, counting("D"))
     for _ in range(steps):
         tr.train_step(*tr.draw())
     return counts

@@ -11,6 +11,8 @@ Faults are real: DISTGAN_FAULTS makes `Trainer._optimize` multiply a loss by NaN
 - Diverged: a NaN that persists through train.max_rollbacks rollbacks ends the CLI with exit code 4 and one line;
   the last committed checkpoint still verifies and holds finite values only. A NaN before the first checkpoint
   has nothing to roll back to: exit code 4 too.
+Skip and rollback run under DDP and under ZeRO-2 (DeepSpeed skips a non-finite gradient norm itself; the
+rollback reloads its engines through DeepSpeed's load_checkpoint).
 """
 
 import hashlib
@@ -22,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, cli_env
+from conftest import REPO, cli_env, require_deepspeed
 from support import flat, make_trainer, run_ranks
 
 pytestmark = pytest.mark.dist
@@ -71,7 +73,10 @@ class _InfDLossAt:
         return self.loss.g_loss(fake_logits)
 
 
-def _skip_runs(rank, world):
+STRATEGIES = ["ddp", pytest.param("zero2", marks=pytest.mark.deepspeed)]
+
+
+def _skip_runs(rank, world, strategy):
     """Three 6-step runs in the same processes: NaN fault, Inf loss, no fault."""
     from distgan import distributed
 
@@ -79,7 +84,7 @@ def _skip_runs(rank, world):
     out = {}
     for variant in ("nan", "inf", "none"):
         os.environ["DISTGAN_FAULTS"] = "nan_loss:rank=1:step=3:net=D" if variant == "nan" else ""
-        tr = make_trainer("train.total_kimg=0.096", dist=dist)
+        tr = make_trainer("train.total_kimg=0.096", f"dist.strategy={strategy}", dist=dist)
         if variant == "inf":
             tr.loss = _InfDLossAt(tr.loss, tr, rank=1, step=3)
         steps = [{"step": 0, "D": _digest(tr.D_module), "G": _digest(tr.G_module)}]
@@ -89,8 +94,11 @@ def _skip_runs(rank, world):
     return out
 
 
-def test_nonfinite_d_loss_on_one_rank_skips_d_on_every_rank():
-    out = run_ranks(_skip_runs, 2)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_nonfinite_d_loss_on_one_rank_skips_d_on_every_rank(strategy):
+    if strategy != "ddp":
+        require_deepspeed()
+    out = run_ranks(_skip_runs, 2, strategy)
     for variant in ("nan", "inf"):
         for rank, r in enumerate(out):
             steps = r[variant]["steps"]  # steps[k]: after k steps; step 3 is steps[4]
@@ -129,7 +137,7 @@ ROLLBACK = ("train.total_kimg=0.192", "train.ckpt_every_kimg=0.064", "train.max_
 FIRST_TIME_ONLY = "nan_loss:rank=1:step=5-7:nth=11-16"
 
 
-def _rollback_runs(rank, world, root):
+def _rollback_runs(rank, world, root, strategy):
     from distgan import distributed
     from distgan.console import Console
 
@@ -138,7 +146,8 @@ def _rollback_runs(rank, world, root):
     for name, skips, spec in (("rollback", 3, FIRST_TIME_ONLY), ("control", 4, "nan_loss:rank=1:step=5-7")):
         run_dir = Path(root) / name
         os.environ["DISTGAN_FAULTS"] = spec
-        tr = make_trainer(*ROLLBACK, f"train.max_consecutive_skips={skips}", run_dir=run_dir, dist=dist)
+        tr = make_trainer(*ROLLBACK, f"train.max_consecutive_skips={skips}", f"dist.strategy={strategy}",
+                          run_dir=run_dir, dist=dist)  # fmt: skip
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
         dist.barrier()
@@ -151,12 +160,15 @@ def _rollback_runs(rank, world, root):
     return out
 
 
-def test_consecutive_skips_roll_back_to_the_last_checkpoint_and_train_on(tmp_path):
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_consecutive_skips_roll_back_to_the_last_checkpoint_and_train_on(tmp_path, strategy):
     import json
 
     from distgan.checkpoint import CheckpointManager
 
-    out = run_ranks(_rollback_runs, 2, str(tmp_path))
+    if strategy != "ddp":
+        require_deepspeed()
+    out = run_ranks(_rollback_runs, 2, str(tmp_path), strategy)
     for r in out:
         rb = r["rollback"]
         # Steps 0-7 (step_idx 1-8); the 3rd skip in a row rolls back to step_idx 4 (ckpt-000000064); steps 4-11.

@@ -1,10 +1,15 @@
-"""Processes, devices and gradient synchronisation: the only module that knows about Accelerate and
+"""Processes, devices and gradient synchronisation: the only package that knows about Accelerate, DeepSpeed and
 torch.distributed.
 
-The launcher is an input. `torchrun`, `accelerate launch` and a plain `python` all end up in `setup()`, which
-starts (or joins) the process group through Accelerate, checks that Accelerate sees the world the launcher
-started, and returns a `Dist`: rank and world size as ints, the device, and the few collectives the trainer
-needs. The rest of distgan never imports accelerate or torch.distributed.
+    __init__.py   setup() -> Dist: the process group, the device, the few collectives the trainer needs
+    nets.py       Net: one network as the phases drive it (the three rules); TorchNet: DDP or a plain module
+    zero.py       ZeroNet: one network as a DeepSpeed ZeRO-1/2 engine (imported only for dist.strategy=zeroN)
+
+The launcher is an input. `torchrun`, `accelerate launch`, `srun` (through slurm/train.sh) and a plain `python`
+all end up in `setup()`, which starts (or joins) the process group through Accelerate, checks that Accelerate
+sees the world the launcher started, and returns a `Dist`: rank and world size as ints, the device, the
+collectives, and `make_net()`, which turns a plain module and its optimizer into the strategy's `Net`. The rest
+of distgan never imports accelerate, deepspeed or torch.distributed.
 
 Two traps this module closes (measured, see ../shared/ENVIRONMENT.md in the team notes):
 - On a machine without CUDA, Accelerate must be told to use the CPU, or every process of a multi-process launch
@@ -25,6 +30,7 @@ import torch
 from torch import nn
 
 from distgan import launcher
+from distgan.distributed.nets import TorchNet
 from distgan.errors import LaunchError
 
 
@@ -46,19 +52,25 @@ class Dist:
         return self.rank == 0
 
     # -------------------------------------------------------------- models
-    def wrap(self, module: nn.Module) -> nn.Module:
-        """Move to the device and, with several processes, wrap in DDP (gradients all-reduced in backward)."""
+    def make_net(self, name: str, module: nn.Module, optimizer, strategy: str, precision: str, micro_batch: int):
+        """The trainer's handle on one network under `strategy` (resolved: ddp, zero1, zero2); see nets.py."""
+        module = module.to(self.device)
+        if strategy.startswith("zero"):
+            from distgan.distributed.zero import ZeroNet  # imports deepspeed: only when asked for
+
+            return ZeroNet(name, module, optimizer, int(strategy[4:]), precision, micro_batch, self.device)
+        return TorchNet(name, module, optimizer, self._ddp(module))
+
+    def _ddp(self, module: nn.Module) -> nn.Module:
+        """With several processes, wrap in DDP (gradients all-reduced in backward)."""
         if self.world_size == 1:
             # `torchrun --nproc_per_node=1` makes Accelerate start a process group of one and wrap in DDP, whose
             # all-reduces with itself cost ~10% of a CPU step for nothing.
-            return module.to(self.device)
+            return module
         with warnings.catch_warnings():
             # torch >= 2.14 renames DDP's broadcast_buffers (Accelerate still passes the old name); same meaning.
             warnings.filterwarnings("ignore", message=".*broadcast_buffers.*deprecated", category=FutureWarning)
             return self.accelerator.prepare_model(module)
-
-    def unwrap(self, module: nn.Module) -> nn.Module:
-        return self.accelerator.unwrap_model(module) if self.world_size > 1 else module
 
     @staticmethod
     def no_sync(module: nn.Module):
@@ -107,14 +119,14 @@ class Dist:
 
     def describe(self, precision: str, strategy: str = "ddp") -> str:
         backend = torch.distributed.get_backend() if self.world_size > 1 else "none"
-        strategy = strategy if self.world_size > 1 else "single"
+        strategy = "single" if strategy == "ddp" and self.world_size == 1 else strategy
         return (
             f"launcher={self.launcher_name} backend={backend} world={self.world_size} device={self.device} "
             f"threads/rank={self.threads} precision={precision} strategy={strategy}"
         )
 
     def close(self) -> None:
-        if self.world_size > 1 and torch.distributed.is_initialized():
+        if torch.distributed.is_initialized():  # (a world of one has a group only when DeepSpeed needed one)
             torch.distributed.destroy_process_group()
 
 
@@ -157,6 +169,10 @@ def setup(precision: str = "fp32", threads: int = 0, deterministic: bool = False
     if world > 1 and not torch.distributed.is_initialized():
         _join_elastic_attempt(use_cpu, timeout_s)
 
+    # Under an `accelerate launch` DeepSpeed config Accelerate would make itself a DeepSpeed front end (one model
+    # per prepare, its own config rules, transformers imported). distgan builds the two engines itself
+    # (zero.py; the launcher's stage was already read into dist.strategy): Accelerate only starts the group.
+    hidden = {k: os.environ.pop(k) for k in ("ACCELERATE_USE_DEEPSPEED",) if k in os.environ}
     accelerator = Accelerator(
         cpu=use_cpu,
         mixed_precision="no",  # distgan runs autocast and one loss scaler per network itself (see precision.py)
@@ -172,6 +188,7 @@ def setup(precision: str = "fp32", threads: int = 0, deterministic: bool = False
             InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=timeout_s)),
         ],
     )
+    os.environ.update(hidden)
     if accelerator.num_processes != world:
         raise LaunchError(
             f"the launcher started {world} processes but Accelerate sees {accelerator.num_processes} "

@@ -1,0 +1,205 @@
+"""G and D as two DeepSpeed ZeRO engines (dist.strategy=zero1|zero2): one `deepspeed.initialize` per network.
+
+Why two engines: an engine owns one optimizer and counts one step per `step()`; G and D step alternately with
+different learning rates, loss scalers and regularisation intervals, exactly like two DDP modules with their own
+Adam. Each engine is built from the trainer's plain module and its torch Adam (ZeRO wraps that optimizer and
+partitions its state over the ranks: zero1 the Adam moments and fp32 master weights, zero2 also the gradients,
+which are reduce-scattered instead of all-reduced). DeepSpeed's own fused Adam is not used: the torch Adam needs
+no compiled op and keeps the numbers of the DDP strategy.
+
+Precision: fp32, or bf16 through DeepSpeed's `torch_autocast` section. The parameters stay fp32 (the EMA, the
+penalties' double backward and BatchNorm's fp32 buffers need them) and forwards run under autocast, exactly as
+with DDP; gradients are reduced in fp32, as DDP all-reduces them. Measured on 2 CPU ranks in deterministic mode:
+zero1 and zero2 give bit-identical parameters to DDP after 6 steps, in fp32 and in bf16, with R1, WGAN-GP and
+path-length penalties (tests/distributed/test_deepspeed.py). DeepSpeed's other bf16 mode (bf16 parameters)
+breaks BatchNorm, whose buffers stay fp32; letting it reduce conv/linear gradients in bf16 (its
+`lower_precision_safe_modules`) halves the bytes but moved parameters by ~lr per step against DDP. fp16 is
+refused for ZeRO (distgan/launcher.py) rather than run through a loss scaler nobody here could test on a GPU.
+
+Non-finite gradients: ZeRO 1/2 compute the gradient norm over all ranks at `step()` and skip the update on every
+rank when it is not finite (fp32 parameters: always checked), so the trainer's "poison a non-finite loss into
+one weight" trick (trainer.py) skips a step here exactly as under DDP.
+
+Checkpoints go through DeepSpeed's own `save_checkpoint` / `load_checkpoint` (it decides what a ZeRO state is:
+the module, every rank's optimizer partition, its step counters), with distgan doing the I/O: a checkpoint engine
+of ours receives each state dict DeepSpeed would `torch.save`, serialises it into memory, and hands the bytes to
+distgan's atomic, hash-manifested commit (checkpoint.py) as files named `ds-G-<DeepSpeed's file name>`. Loading
+gives DeepSpeed placeholders to find and answers its reads from the verified checkpoint with
+`torch.load(weights_only=True)`, allowing only the three DeepSpeed classes its files hold (a loss-scaler
+record, the ZeRO stage enum, a fragment address); DeepSpeed's own engine would unpickle anything.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shutil
+import tempfile
+
+import torch
+
+from distgan.distributed.nets import Net
+
+if "DS_ACCELERATOR" not in os.environ:  # read once, when deepspeed is imported
+    os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
+
+import deepspeed  # noqa: E402
+from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine  # noqa: E402
+
+# The classes DeepSpeed's ZeRO 1/2 checkpoint files hold besides tensors and plain containers (found with
+# torch.serialization.get_unsafe_globals_in_checkpoint on zero1/zero2, fp32/bf16 files of DeepSpeed 0.19).
+from deepspeed.runtime.fp16.loss_scaler import LossScaler  # noqa: E402
+from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: E402
+from deepspeed.utils.tensor_fragment import fragment_address  # noqa: E402
+
+SAFE_GLOBALS = [LossScaler, ZeroStageEnum, fragment_address]
+TAG = "ds"  # DeepSpeed's checkpoint "tag" (a sub-folder name in its own layout); ours is the checkpoint folder
+
+logging.getLogger("DeepSpeed").setLevel(logging.ERROR)  # its INFO lines per engine; skips are our own stats
+
+
+# Elements per gradient bucket: DDP's default 25 MB of fp32, so both strategies overlap reduction with backward
+# alike. (DeepSpeed's default, 5e8 elements, allocates a 2 GB bucket even for a DCGAN; under deterministic mode
+# torch also fills it with NaNs at every step: 9 s per step on a CPU.)
+BUCKET_ELEMENTS = 25 * 2**20 // 4
+
+
+def ds_config(stage: int, precision: str, micro_batch: int, on_gpu: bool, numel: int) -> dict:
+    """The DeepSpeed config of one engine (`numel`: its parameter count)."""
+    bucket = max(1, min(numel, BUCKET_ELEMENTS))
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+        "zero_optimization": {
+            "stage": stage,
+            "contiguous_gradients": True,
+            # Overlap the gradient reduction with the rest of the backward on GPUs (CUDA streams); on CPU there is
+            # nothing to overlap it with.
+            "overlap_comm": on_gpu,
+            "reduce_bucket_size": bucket,
+            "allgather_bucket_size": bucket,
+        },
+        "checkpoint": {"tag_validation": "FAIL"},  # every rank must save under the same tag
+    }
+    if precision == "bf16":
+        config["torch_autocast"] = {
+            "enabled": True,
+            "dtype": "bfloat16",
+            "lower_precision_safe_modules": [],  # no layer's gradients reduced in bf16 (see above)
+        }
+    return config
+
+
+class _InMemory(CheckpointEngine):
+    """DeepSpeed's checkpoint I/O, redirected: saves become bytes for distgan's commit, loads read verified files."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+        self.saved: dict[str, bytes] = {}
+        self.read = None  # during a load: name -> the object in that file of the checkpoint being loaded
+
+    def name_for(self, path: str) -> str:
+        return self.prefix + os.path.basename(path)
+
+    def create(self, info) -> None:
+        pass
+
+    def makedirs(self, path, exist_ok=False) -> None:
+        os.makedirs(path, exist_ok=True)  # a scratch folder: DeepSpeed copies its zero_to_fp32 scripts there
+
+    def save(self, state_dict, path: str) -> None:
+        buf = io.BytesIO()
+        torch.save(state_dict, buf)
+        self.saved[self.name_for(path)] = buf.getvalue()
+
+    def load(self, path: str, map_location=None):
+        return self.read(self.name_for(path))
+
+    def commit(self, info) -> bool:
+        return True
+
+
+class ZeroNet(Net):
+    """One network as a DeepSpeed engine with ZeRO stage 1 or 2."""
+
+    def __init__(self, name, module, optimizer, stage: int, precision: str, micro_batch: int, device):
+        super().__init__(name, module, optimizer)
+        self.strategy = f"zero{stage}"
+        _ensure_process_group(device)
+        numel = sum(p.numel() for p in self.params)
+        config = ds_config(stage, precision, micro_batch, on_gpu=device.type == "cuda", numel=numel)
+        engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
+        assert engine.module is module  # the trainer's EMA, samples and BatchNorm averaging read this module
+        self.engine = engine
+        self._io = _InMemory(prefix=f"ds-{name}-")
+        engine.checkpoint_engine = self._io
+
+    def _train_forward(self, x):
+        return self.engine(x)
+
+    def _penalty_forward(self, x):
+        # Rule 2: a forward whose input gradient is taken (create_graph) goes through the plain module; the
+        # engine's backward still reduces the gradients, through the hooks ZeRO put on the parameters.
+        return self.module(x)
+
+    def step(self, loss, scaler):
+        engine = self.engine
+        skipped = engine.skipped_steps
+        engine.backward(loss)
+        engine.step()  # reduces (zero2: reduce-scatters) the gradients, skips when their norm is not finite
+        if engine.skipped_steps != skipped:
+            return torch.tensor(float("inf"))
+        return torch.as_tensor(float(engine.get_global_grad_norm()))
+
+    def rank_files(self) -> dict[str, bytes]:
+        scratch = tempfile.mkdtemp(prefix="distgan-ds-")
+        try:
+            self._io.saved = {}
+            self.engine.save_checkpoint(scratch, tag=TAG, client_state={}, save_latest=False)
+            return dict(self._io.saved)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def load(self, shared, read, names) -> None:
+        """Restore through DeepSpeed's load_checkpoint (a collective)."""
+        mine = [n[len(self._io.prefix) :] for n in names if n.startswith(self._io.prefix)]
+        if not mine:
+            from distgan.errors import CheckpointError
+
+            raise CheckpointError(f"the checkpoint holds no DeepSpeed state of {self.name}")
+        scratch = tempfile.mkdtemp(prefix="distgan-ds-")
+        try:
+            # DeepSpeed globs and stats its files before reading them: empty stand-ins, answered by `read`.
+            os.makedirs(os.path.join(scratch, TAG))
+            for n in mine:
+                open(os.path.join(scratch, TAG, n), "wb").close()
+            self._io.read = lambda name: read(name, SAFE_GLOBALS)
+            path, _ = self.engine.load_checkpoint(
+                scratch, tag=TAG, load_module_strict=True, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
+        finally:
+            self._io.read = None
+            shutil.rmtree(scratch, ignore_errors=True)
+        if path is None:
+            from distgan.errors import CheckpointError
+
+            raise CheckpointError(f"DeepSpeed found no state of {self.name} in the checkpoint")
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        # The optimizer's parameters are ZeRO's fp32 partitions (master weights) of this rank.
+        return super().state_tensors() + [p for g in self.optimizer.param_groups for p in g["params"]]
+
+
+def _ensure_process_group(device) -> None:
+    """DeepSpeed needs a process group even for one process (a plain `python` start): a world of one in memory."""
+    if torch.distributed.is_initialized():
+        return
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)  # DeepSpeed asserts a launcher's variables
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)

@@ -1,0 +1,83 @@
+"""Choosing a strategy (dist.strategy, with `auto` taken from the launcher) and the phase rules of
+distgan/distributed/nets.py on the DDP strategy (the ZeRO side: tests/distributed/test_deepspeed.py)."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+from distgan.errors import ConfigError, LaunchError, PhaseError
+from distgan.launcher import resolve_strategy
+from support import make_trainer
+
+DEEPSPEED_ENV = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"}
+
+
+def test_auto_follows_the_launcher(monkeypatch):
+    for key in DEEPSPEED_ENV:
+        monkeypatch.delenv(key, raising=False)
+    assert resolve_strategy("auto", "fp32") == "ddp"
+    assert resolve_strategy("zero2", "bf16") == "zero2"  # explicit, under torchrun / python
+    for key, value in DEEPSPEED_ENV.items():
+        monkeypatch.setenv(key, value)
+    assert resolve_strategy("auto", "bf16") == "zero1"  # `accelerate launch` with a ZeRO-1 DeepSpeed config
+    assert resolve_strategy("zero1", "bf16") == "zero1"
+    with pytest.raises(LaunchError, match="asks for ZeRO stage 1 but dist.strategy=ddp; set dist.strategy=zero1"):
+        resolve_strategy("ddp", "fp32")
+
+
+def test_zero3_and_fp16_under_zero_are_refused(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    with pytest.raises(ConfigError, match="zero3 is not supported"):
+        resolve_strategy("zero3", "fp32")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(ConfigError, match="zero3 is not supported"):
+        resolve_strategy("auto", "fp32")
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    with pytest.raises(ConfigError, match="fp16 with loss scalers runs under dist.strategy=ddp"):
+        resolve_strategy("zero2", "fp16")
+    assert resolve_strategy("ddp", "fp16") == "ddp"
+
+
+def test_cli_refuses_zero3_in_one_line_before_importing_torch():
+    code = (
+        "import sys; from distgan.train import main\n"
+        "rc = main(['--config', 'configs/smoke.yaml', 'dist.strategy=zero3'])\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "sys.exit(rc)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       env={"PATH": "/usr/bin:/bin"})  # fmt: skip
+    assert p.returncode == 2, p.stderr
+    [line] = p.stderr.strip().splitlines()
+    assert line.startswith("distgan: error: dist.strategy=zero3 is not supported")
+
+
+# ---------------------------------------------------------------------------------------------------- phase rules
+
+
+def test_phase_rules_on_ddp_nets():
+    tr = make_trainer()
+    x = torch.zeros(2, 3, 32, 32)
+    with pytest.raises(PhaseError, match=r"not frozen.*\(rule 1\)"):
+        tr.D.frozen(x)  # D still trainable: G's backward would reach it
+    with pytest.raises(PhaseError, match=r"penalty\(\) \(rule 2\)"):
+        tr.D(x.clone().requires_grad_(True))
+    tr.D.set_trainable(False)
+    with pytest.raises(PhaseError, match=r"frozen\(\) \(rule 3\)"):
+        tr.D(x)
+    with pytest.raises(PhaseError, match="its penalty belongs to its own phase"):
+        tr.D.penalty(x.clone().requires_grad_(True))
+    assert tr.D.frozen(x).shape == (2,)  # the correct use
+    tr.D.set_trainable(True)
+    assert tr.D(x).shape == (2,) and tr.D.penalty(x.clone().requires_grad_(True)).requires_grad
+
+
+def test_a_trainer_that_forgets_to_freeze_d_is_stopped():
+    tr = make_trainer()
+    tr.D.set_trainable = lambda flag: None
+    with pytest.raises(PhaseError, match=r"\(rule 1\)"):
+        tr.train_step(*tr.draw())
