@@ -2,6 +2,7 @@
 
     distgan bench train --config configs/default.yaml [--steps 40] [--repeats 3] [--no-scaling]
     distgan bench data [--shards DIR] [--workers 2]        (distgan/bench_data.py)
+    distgan bench scale [--config CFG] [--model-only]       (distgan/bench_scale.py)
 
 Part 1, framework cost: distgan's training step (Trainer.train_step with its data draw, phases, EMA and stats)
 against a plain eager PyTorch loop of the same networks, batch and optimizer hyper-parameters, written the way
@@ -27,7 +28,7 @@ import statistics
 import sys
 import time
 
-from distgan import bench_data
+from distgan import bench_data, bench_scale
 from distgan.local_launch import run_local
 
 TARGET_RATIO = 1.0
@@ -47,9 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     bench_data.add_parser(sub)
+    bench_scale.add_parser(sub)
     args = p.parse_args(argv)
     if args.what == "data":
         return bench_data.run(args)
+    if args.what == "scale":
+        return bench_scale.run(args)
 
     from distgan.config import load_config
     from distgan.errors import UserError

@@ -1,0 +1,506 @@
+"""`distgan bench scale`: measure 1 and 2 ranks here, check a communication model with them, predict 8-512 GPUs.
+
+    distgan bench scale                                  # configs/default.yaml and configs/dcgan_mnist.yaml
+    distgan bench scale --config configs/default.yaml --repeats 5
+    distgan bench scale --model-only                     # predictions only: no timing, no gloo (~20 s)
+    distgan bench scale --gpu-step-ms 0.5                # another GPU step-time assumption
+
+The model (docs/scaling.md explains it in full):
+
+  one step on N ranks = compute + exposed(D's all-reduce) + exposed(G's all-reduce)
+
+D and G all-reduce their gradients once per step each, one after the other (D_main, then G_main: the
+alternating updates cannot share one). DDP cuts a network's gradients into buckets (the first 1 MiB, then
+25 MiB, in the order gradients become ready) and all-reduces each bucket while backward goes on, so all but
+the last bucket can hide behind that network's backward: exposed = T(last bucket) + max(0, T(other buckets) -
+backward time). One all-reduce of S bytes on N ranks costs NCCL's way, the cheaper of a ring (2(N-1) steps,
+2(N-1)/N * S over the bus bandwidth) and a tree (2 * (steps inside a node + log2(nodes) steps between nodes),
+2 * S over the bus bandwidth), plus a fixed cost per collective.
+
+What is measured here, per config: (a) the 1-rank step time (1 thread), (b) G's and D's gradient bytes and DDP
+buckets, their FLOPs and the aten ops of one step, (c) gloo all-reduces between 2 processes of a range of sizes
+(fitted to latency + bytes / bandwidth), (d) the 2-rank img/s (1 thread each), and '2 alone': 2 processes that
+do not talk, what two busy processes get from this machine at all. Rounds alternate (a), (d) and '2 alone';
+each run keeps its best timed segment, the one other jobs on a shared machine disturbed least. The model
+predicts (d) from (c) and the compute of (a), and of '2 alone'; the second is the check, held to TOLERANCE
+(two processes on two shared cores slow each other's compute, which ranks on GPUs of their own do not).
+
+ZeRO-1/2 (the DeepSpeed configs) is modelled as a reduce-scatter plus an all-gather per network, in fp32: distgan
+runs DeepSpeed in its torch_autocast mode, so even in bf16 parameters and gradients stay fp32, as under DDP.
+
+GPU figures cannot be measured here (no GPU): a GPU step takes max(FLOPs / achieved throughput, aten ops x
+time per op), both stated as options, or `--gpu-step-ms`. Fabric figures are stated in `H100_IB`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import sys
+from dataclasses import dataclass
+
+DEFAULT_CONFIGS = ("configs/default.yaml", "configs/dcgan_mnist.yaml")
+SCALES = (8, 64, 512)
+SEGMENTS = 4  # timed segments per measured run, the best one kept
+TOLERANCE = 0.15  # |predicted / measured - 1| for the 2-rank check: the VM's own drift is +-15% (README)
+
+# DDP's bucketing with default arguments (torch.distributed._DEFAULT_FIRST_BUCKET_BYTES, bucket_cap_mb=25).
+FIRST_BUCKET_BYTES = 1 << 20
+BUCKET_BYTES = 25 << 20
+
+# Sizes for fitting gloo's latency and bandwidth, next to the configs' own bucket sizes.
+FIT_BYTES = (4 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20)
+
+
+# ====================================================================== the model (pure functions)
+
+
+@dataclass(frozen=True)
+class Fabric:
+    """An interconnect as the all-reduce model sees it. Seconds and bytes per second (bus bandwidth)."""
+
+    name: str
+    gpus_per_node: int
+    base_s: float  # fixed cost of one collective (launch, handshake), whatever its size
+    intra_step_s: float  # one step between two GPUs of a node
+    inter_step_s: float  # one step between two nodes
+    intra_bw: float  # bus bandwidth inside a node
+    nic_bw: float  # achieved bandwidth of one GPU's network adapter
+
+
+# A DGX/HGX H100 class cluster: 8 GPUs per node on NVLink 4 through NVSwitch (450 GB/s each way per GPU, NCCL
+# reaches ~80% as bus bandwidth), one 400 Gb/s InfiniBand NDR adapter per GPU (50 GB/s, ~80% achieved).
+# Latencies follow NCCL's own tuning model (src/graph/tuning.cc: 6.6-14 us base per collective, 0.5-3.4 us per
+# NVLink step, 2.7-9.6 us per network step, by protocol), rounded towards the small-message protocols our
+# 0.1-4 MB gradients use.
+H100_IB = Fabric(
+    name="8 GPUs/node on NVLink+NVSwitch (360 GB/s bus), 400 Gb/s InfiniBand per GPU (40 GB/s achieved)",
+    gpus_per_node=8,
+    base_s=10e-6,
+    intra_step_s=1e-6,
+    inter_step_s=5e-6,
+    intra_bw=360e9,
+    nic_bw=40e9,
+)
+
+
+def gloo_fabric(step_s: float, bw: float) -> Fabric:
+    """This machine's processes as one 'node': the fitted per-step latency and bandwidth of gloo on loopback."""
+    return Fabric("gloo on this machine", 1 << 30, 0.0, step_s, step_s, bw, bw)
+
+
+def num_nodes(n: int, f: Fabric) -> int:
+    return math.ceil(n / f.gpus_per_node)
+
+
+def bus_bw(n: int, f: Fabric) -> float:
+    """Inside one node the switch; across nodes every GPU's own adapter carries its share (rail-optimised)."""
+    return f.intra_bw if num_nodes(n, f) == 1 else min(f.intra_bw, f.gpus_per_node * f.nic_bw)
+
+
+def ring_allreduce_s(nbytes: float, n: int, f: Fabric) -> float:
+    """Ring: 2(N-1) steps, of which 2(nodes-1) cross the network; every rank moves 2(N-1)/N of the bytes."""
+    if n <= 1:
+        return 0.0
+    nodes = num_nodes(n, f)
+    latency = 2 * (n - nodes) * f.intra_step_s + 2 * (nodes - 1) * f.inter_step_s
+    return f.base_s + latency + 2 * (n - 1) / n * nbytes / bus_bw(n, f)
+
+
+def tree_allreduce_s(nbytes: float, n: int, f: Fabric) -> float:
+    """Tree (NCCL's double binary tree): up and down, through a node's GPUs and log2(nodes) network levels;
+    every rank moves the whole message up and down (2 * S)."""
+    if n <= 1:
+        return 0.0
+    nodes = num_nodes(n, f)
+    per_node = math.ceil(n / nodes)
+    latency = 2 * ((per_node - 1) * f.intra_step_s + math.ceil(math.log2(nodes)) * f.inter_step_s)
+    return f.base_s + latency + 2 * nbytes / bus_bw(n, f)
+
+
+def allreduce_s(nbytes: float, n: int, f: Fabric) -> float:
+    """What NCCL's tuner does: take the cheaper algorithm for this size and world."""
+    return min(ring_allreduce_s(nbytes, n, f), tree_allreduce_s(nbytes, n, f))
+
+
+def half_ring_s(nbytes: float, n: int, f: Fabric) -> float:
+    """A ring reduce-scatter or all-gather: half an all-reduce's steps and bytes, and its own fixed cost."""
+    if n <= 1:
+        return 0.0
+    return f.base_s + (ring_allreduce_s(nbytes, n, f) - f.base_s) / 2
+
+
+def ddp_buckets(param_bytes: list[int], first: int = FIRST_BUCKET_BYTES, cap: int = BUCKET_BYTES) -> list[int]:
+    """Bucket sizes as DDP builds them: parameters in gradient-ready order, a bucket closes once it reaches its
+    cap (the first bucket's cap is small so communication starts early)."""
+    buckets, current, limit = [], 0, first
+    for size in param_bytes:
+        current += size
+        if current >= limit:
+            buckets.append(current)
+            current, limit = 0, cap
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def exposed_s(bucket_s: list[float], backward_s: float) -> float:
+    """Communication backward cannot hide: the last bucket is ready only when backward ends; the others run
+    while it goes on, and only what exceeds it shows."""
+    if not bucket_s:
+        return 0.0
+    return bucket_s[-1] + max(0.0, sum(bucket_s[:-1]) - backward_s)
+
+
+def ddp_step_s(compute_s: float, nets: list[tuple[list[int], float]], n: int, f: Fabric) -> float:
+    """Step time on n ranks under DDP; nets = [(bucket bytes, backward seconds)] in the order they all-reduce."""
+    return compute_s + sum(exposed_s([allreduce_s(b, n, f) for b in buckets], bwd) for buckets, bwd in nets)
+
+
+def zero_step_s(compute_s: float, grad_bytes: list[int], n: int, f: Fabric) -> float:
+    """Step time on n ranks under DeepSpeed ZeRO-1/2: per network a reduce-scatter of the gradients and an
+    all-gather of the updated weights (the same bytes as one all-reduce, in two collectives), not overlapped."""
+    return compute_s + sum(2 * half_ring_s(s, n, f) for s in grad_bytes)
+
+
+def gpu_step_s(flops: float, ops: int, tflops: float, op_us: float) -> float:
+    """An eager GPU step: the GPU's arithmetic or the host issuing one kernel per aten op, whichever is longer
+    (kernels run asynchronously, so the two overlap)."""
+    return max(flops / (tflops * 1e12), ops * op_us * 1e-6)
+
+
+def fit_latency_bandwidth(nbytes: list[float], seconds: list[float]) -> tuple[float, float]:
+    """Least-squares t = a + b * S; returns (a, 1/b): fixed seconds and bytes per second."""
+    mean_s, mean_t = statistics.fmean(nbytes), statistics.fmean(seconds)
+    var = sum((s - mean_s) ** 2 for s in nbytes)
+    b = sum((s - mean_s) * (t - mean_t) for s, t in zip(nbytes, seconds)) / var
+    return mean_t - b * mean_s, 1 / b
+
+
+# ====================================================================== measurements (child processes)
+
+
+def bench_images(cfg, num: int = 2048):
+    """In-memory shapes at the model's resolution and channel count: the step time does not depend on what the
+    images show, and no config then needs its dataset (MNIST) downloaded to be measured."""
+    from distgan.data import shapes
+
+    images, _ = shapes.generate(num, seed=0, resolution=cfg.model.resolution)  # uint8 [N, 3, res, res]
+    if cfg.model.channels == 1:
+        images = images.mean(axis=1, keepdims=True).astype(images.dtype)
+    return images
+
+
+def _profile_child(rank, world, cfg, images) -> dict:
+    """Gradient sizes, FLOPs and aten ops of one step of `cfg`, in a fresh single process."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from distgan import distributed
+    from distgan.bench import timed
+    from distgan.data import ArrayStream
+    from distgan.models import build_discriminator, build_generator
+    from distgan.trainer import Trainer
+
+    class OpCounter(TorchDispatchMode):
+        """Counts aten ops: on a GPU each is (at least) one kernel the host has to launch."""
+
+        def __init__(self):
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    dist = distributed.setup("fp32", threads=1)
+    trainer = Trainer(cfg, dist, ArrayStream(images, cfg.train.batch, 0, 1, cfg.train.seed))
+    for _ in range(2):  # first steps allocate optimizer state: not what a step costs
+        trainer.train_step(*trainer.draw())
+    step_s = timed(lambda: trainer.train_step(*trainer.draw()), 2, dist.device)  # to size the timed segments
+    inputs = trainer.draw()
+    with FlopCounterMode(display=False) as flops, OpCounter() as counter:
+        trainer.train_step(*inputs)
+    dist.close()
+
+    # Backward of each phase alone: the time DDP can hide that network's earlier buckets behind.
+    b = cfg.train.batch
+    G, D = build_generator(cfg.model), build_discriminator(cfg.model)
+    z = torch.randn(b, cfg.model.z_dim)
+    x = torch.randn(2 * b, cfg.model.channels, cfg.model.resolution, cfg.model.resolution)  # reals and fakes
+    loss_d = D(x).sum()
+    with FlopCounterMode(display=False) as bwd_d:
+        loss_d.backward()
+    D.requires_grad_(False)  # G_main: through D frozen (input gradients only), then G
+    loss_g = D(G(z)).sum()
+    with FlopCounterMode(display=False) as bwd_g:
+        loss_g.backward()
+
+    def ready_order(module):  # gradients become ready in reverse order of the forward, as DDP assumes
+        return [p.numel() for p in module.parameters()][::-1]
+
+    return {
+        "G_params": ready_order(G),
+        "D_params": ready_order(D),
+        "step_s": step_s,
+        "step_flops": flops.get_total_flops(),
+        "step_ops": counter.ops,
+        "bwd_flops": {"D": bwd_d.get_total_flops(), "G": bwd_g.get_total_flops()},
+    }
+
+
+def _segments_child(rank, world, cfg, per_rank, steps, segments, warmup, together: bool, images) -> list[float]:
+    """img/s of each of `segments` timed segments: this rank's group (together) or this process alone, with
+    `per_rank` images per process. distgan.bench._scaling_child times one segment; several let the caller keep
+    the one the other jobs of a shared machine disturbed least."""
+    from distgan import distributed
+    from distgan.bench import timed
+    from distgan.data import ArrayStream
+    from distgan.trainer import Trainer
+
+    if not together:  # a world of one: the same work, no communication
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(key, None)
+        rank, world = 0, 1
+    cfg.train.batch = per_rank * world
+    dist = distributed.setup(cfg.train.precision, threads=1)
+    trainer = Trainer(cfg, dist, ArrayStream(images, cfg.train.batch, rank, world, cfg.train.seed))
+    for _ in range(warmup):
+        trainer.train_step(*trainer.draw())
+    rates = []
+    for _ in range(segments):
+        dist.barrier()  # every rank starts the segment together
+        sec = timed(lambda: trainer.train_step(*trainer.draw()), steps, dist.device)
+        rates.append(cfg.train.batch * cfg.loss.n_critic / sec)
+    dist.close()
+    return rates
+
+
+def _allreduce_child(rank, world, sizes: list[int], reps: int, rounds: int) -> list[float]:
+    """Seconds of one fp32 all-reduce per size, sizes alternating in rounds; the best round (least disturbed by
+    other jobs), as for the steps."""
+    import torch
+
+    from distgan import distributed
+    from distgan.bench import timed
+
+    dist = distributed.setup("fp32", threads=1)
+    tensors = [torch.ones(s // 4) for s in sizes]
+    for t in tensors:  # connect and warm every size once
+        dist.all_reduce_sum(t)
+    times: list[list[float]] = [[] for _ in sizes]
+    for _ in range(rounds):
+        for i, t in enumerate(tensors):
+            dist.barrier()  # both ranks start together: the time is the collective's, not a wait for the other
+            times[i].append(timed(lambda t=t: dist.all_reduce_sum(t), reps, dist.device))
+    dist.close()
+    return [min(ts) for ts in times]
+
+
+# ====================================================================== the command
+
+
+def add_parser(sub) -> None:
+    s = sub.add_parser("scale", help="1 vs 2 ranks measured, a communication model checked on them, 8-512 GPUs")
+    s.add_argument("--config", action="append", help=f"repeatable (default: {' and '.join(DEFAULT_CONFIGS)})")
+    s.add_argument("--seconds", type=float, default=6.0, help=f"timed seconds per run ({SEGMENTS} segments)")
+    s.add_argument("--warmup", type=int, default=2, help="untimed steps before each segment")
+    s.add_argument("--repeats", type=int, default=3, help="alternating rounds of 1 rank, 2 ranks, 2 alone")
+    s.add_argument("--model-only", action="store_true", help="skip the measurements; predictions only")
+    s.add_argument("--gpu-tflops", type=float, default=100.0, help="achieved TFLOP/s of one GPU on these convs")
+    s.add_argument("--gpu-op-us", type=float, default=6.0, help="host time per aten op of an eager GPU step (us)")
+    s.add_argument("--gpu-step-ms", type=float, help="GPU step time per config; overrides the two above")
+    tolerance = f"{TOLERANCE * 100:.0f}%%"  # argparse formats help with %
+    s.add_argument("--check", action="store_true", help=f"exit 1 when a 2-rank prediction is off by > {tolerance}")
+
+
+def run(args) -> int:
+    from distgan.config import load_config
+    from distgan.errors import UserError
+    from distgan.local_launch import run_local
+
+    paths = args.config or list(DEFAULT_CONFIGS)
+    try:
+        # Only the model and batch matter; in-memory data keeps MNIST (or shards) out of the measurement.
+        cfgs = [load_config(p, ["data.source=shapes", "data.num_images=2048"]) for p in paths]
+    except UserError as e:
+        print(f"distgan: error: {e}", file=sys.stderr)
+        return e.exit_code
+    print(f"bench scale: load average {_load()} at start, {os.cpu_count()} CPUs")
+    # Runnable processes of other jobs take turns with the measured ones and disturb the runs unequally.
+    start_load = os.getloadavg()[0]
+    busy = not args.model_only and start_load >= (os.cpu_count() or 1)
+    ok, rows = True, []
+    for path, cfg in zip(paths, cfgs):
+        images = bench_images(cfg)
+        prof = run_local(1, _profile_child, cfg, images)[0]
+        ok &= report_config(path, cfg, prof, images, args)
+        rows.append((path, prof))
+    predict(rows, args)
+    print(f"load average at end: {_load()}")
+    if busy:
+        print(f"warning: other jobs kept {start_load:.1f} of {os.cpu_count()} CPUs busy when this run started: the "
+              "measured figures, and so the 2-rank check, are noise; rerun on an idle machine")  # fmt: skip
+    return 1 if args.check and not ok else 0
+
+
+def report_config(path, cfg, prof, images, args) -> bool:
+    """Sizes and FLOPs; unless --model-only, the 2-rank measurement against the model's prediction."""
+    b, res = cfg.train.batch, cfg.model.resolution
+    grads = {net: [4 * n for n in prof[f"{net}_params"]] for net in ("D", "G")}  # fp32 gradients, ready order
+    buckets = {net: ddp_buckets(g) for net, g in grads.items()}
+    print(f"\n{path}: batch {b} per rank, {res}x{res}x{cfg.model.channels}")
+    for net in ("G", "D"):
+        n = sum(prof[f"{net}_params"])
+        print(
+            f"  {net}: {n:,} parameters = {_mb(4 * n)} of fp32 gradients; "
+            f"DDP buckets {' + '.join(_mb(x) for x in buckets[net])}"
+        )
+    frac = {net: prof["bwd_flops"][net] / prof["step_flops"] for net in ("D", "G")}
+    print(
+        f"  one step: {prof['step_flops'] / 1e9:.2f} GFLOP, {prof['step_ops']} aten ops; "
+        f"backward of D_main {frac['D']:.0%}, of G_main {frac['G']:.0%} of the FLOPs"
+    )
+    if args.model_only:
+        return True
+
+    from distgan.local_launch import run_local
+
+    # (c): gloo all-reduce times, the configs' bucket sizes among the fitting sizes.
+    sizes = sorted(set(FIT_BYTES) | {x for bs in buckets.values() for x in bs})
+    measured = run_local(2, _allreduce_child, sizes, 10, 5)[0]
+    latency, bw = fit_latency_bandwidth(sizes, measured)
+    gloo = gloo_fabric(latency / 2, bw)  # N=2 ring: 2 steps of latency, 2(N-1)/N = 1 times the bytes
+    fitted = [allreduce_s(s, 2, gloo) for s in sizes]
+    print("  gloo all-reduce, 2 ranks: " + ", ".join(f"{_mb(s)} {t * 1e3:.2f} ms" for s, t in zip(sizes, measured)))
+    print(
+        f"    fit: {latency * 1e3:.2f} ms + S / {bw / 1e9:.2f} GB/s "
+        f"(worst residual {max(abs(m / p - 1) for m, p in zip(measured, fitted)):.0%})"
+    )
+
+    # (a) + (d): 1 rank, 2 ranks, 2 alone, alternating so the VM's drift hits all three alike. Each run keeps
+    # its best segment: on a machine shared with other jobs that is the one they disturbed least.
+    rounds: dict[str, list[float]] = {"1 rank": [], "2 ranks": [], "2 alone": []}
+    steps = max(2, round(args.seconds / SEGMENTS / prof["step_s"]))
+    for _ in range(args.repeats):
+        common = (cfg, b, steps, SEGMENTS, args.warmup)
+        rounds["1 rank"].append(max(run_local(1, _segments_child, *common, True, images)[0]))
+        rounds["2 ranks"].append(max(run_local(2, _segments_child, *common, True, images)[0]))
+        alone = run_local(2, _segments_child, *common, False, images)
+        rounds["2 alone"].append(max(x + y for x, y in zip(*alone)))  # the two ran side by side
+    ips = {k: statistics.median(v) for k, v in rounds.items()}
+    print(f"  measured here, 1 thread per rank, best of {SEGMENTS} segments of {steps} steps, "
+          f"median of {args.repeats} rounds:")  # fmt: skip
+    print(f"    1 rank    {ips['1 rank']:8.1f} img/s   step {b / ips['1 rank'] * 1e3:.1f} ms   "
+          f"({_rounds(rounds['1 rank'])})")  # fmt: skip
+    print(f"    2 ranks   {ips['2 ranks']:8.1f} img/s   {ips['2 ranks'] / ips['1 rank']:.2f}x   "
+          f"({_rounds(rounds['2 ranks'])})")  # fmt: skip
+    print(f"    2 alone   {ips['2 alone']:8.1f} img/s   {ips['2 alone'] / ips['1 rank']:.2f}x   "
+          f"(no process group: what 2 processes get from this machine; {_rounds(rounds['2 alone'])})")  # fmt: skip
+
+    # The check: the model's 2-rank img/s against (d), round by round (each round's figures were measured
+    # minutes apart at most). Compute comes from (a), the 1-rank step, and once more from '2 alone': on this VM
+    # two busy processes slow each other (two cores, shared caches and memory bandwidth, other jobs), which no
+    # GPU cluster does to its ranks and the communication model does not describe. The tolerance is held on
+    # the second; the first shows how much of the gap is that contention.
+    nimg = b * cfg.loss.n_critic  # per rank and step
+
+    def model_ips(compute: float) -> float:
+        nets = [(buckets[net], compute * frac[net]) for net in ("D", "G")]
+        return 2 * nimg / ddp_step_s(compute, nets, 2, gloo)
+
+    errors: dict[str, list[float]] = {"1 rank": [], "2 alone": []}
+    for one, two, alone in zip(rounds["1 rank"], rounds["2 ranks"], rounds["2 alone"]):
+        errors["1 rank"].append(model_ips(nimg / one) / two - 1)
+        errors["2 alone"].append(model_ips(2 * nimg / alone) / two - 1)  # each of the two ran at alone / 2
+    comm = ddp_step_s(0.0, [(buckets[net], 0.0) for net in ("D", "G")], 2, gloo)  # all-reduce, no overlap
+    print(f"  check: model / measured 2-rank img/s - 1, per round (the model adds at most {comm * 1e3:.1f} ms "
+          "of all-reduce to a step):")  # fmt: skip
+    ok = abs(statistics.median(errors["2 alone"])) <= TOLERANCE
+    # What communication (and waiting for the other rank) adds to a step, measured against the model's part.
+    added = [2 * nimg / two - 2 * nimg / alone for two, alone in zip(rounds["2 ranks"], rounds["2 alone"])]
+    step_alone = 2 * nimg / ips["2 alone"]
+    modelled = 2 * nimg / model_ips(step_alone) - step_alone
+    for name, errs in errors.items():
+        verdict = f"   tolerance +-{TOLERANCE:.0%}: {'ok' if ok else 'OFF'}" if name == "2 alone" else ""
+        print(
+            f"    compute of '{name}': " + ", ".join(f"{e:+.1%}" for e in errs)
+            + f"   median {statistics.median(errs):+.1%}{verdict}"
+        )  # fmt: skip
+    print(
+        f"    a 2-rank step takes {statistics.median(added) * 1e3:.1f} ms longer than one of '2 alone' (median); "
+        f"the model's exposed all-reduce is {modelled * 1e3:.1f} ms"
+    )
+    return ok
+
+
+def predict(rows, args) -> None:
+    """Weak-scaling efficiency at SCALES GPUs for each config, under DDP and ZeRO-1/2."""
+    f = H100_IB
+    print(f"\npredicted weak-scaling efficiency (img/s per GPU at N / at 1 GPU; per-GPU batch = the config's)\n"
+          f"  fabric: {f.name}")  # fmt: skip
+    if args.gpu_step_ms:
+        print(f"  GPU step: {args.gpu_step_ms} ms (--gpu-step-ms)")
+    else:
+        print(
+            f"  GPU step: max(FLOPs / {args.gpu_tflops:g} TFLOP/s, aten ops x {args.gpu_op_us:g} us) "
+            "(eager PyTorch; --gpu-tflops, --gpu-op-us, --gpu-step-ms)"
+        )
+    head = "".join(f"{n:>9}" for n in SCALES)
+    print(f"  {'config':<28}{'strategy':<22}{'GPU step':>10}{head}   exposed comm at {SCALES[-1]}")
+    for path, prof in rows:
+        step = _gpu_step(prof, args)
+        for label, eff in efficiencies(prof, step, f).items():
+            cells = "".join(f"{e:>8.1%} " for e, _ in eff)
+            print(f"  {path:<28}{label:<22}{step * 1e3:>8.2f}ms{cells}  {eff[-1][1] * 1e6:7.0f} us")
+    # Sensitivity: the GPU step time is the assumption everything hangs on.
+    print(f"\n  sensitivity of DDP efficiency at {SCALES[-1]} GPUs to the GPU step time:")
+    factors = (0.1, 0.25, 0.5, 1, 2, 4)
+    print(f"  {'config':<28}" + "".join(f"{'x' + format(k, 'g'):>9}" for k in factors))
+    for path, prof in rows:
+        step = _gpu_step(prof, args)
+        cells = [efficiencies(prof, step * k, f)["ddp"][-1][0] for k in factors]
+        print(f"  {path:<28}" + "".join(f"{e:>8.1%} " for e in cells))
+    # A bigger batch per GPU: FLOPs grow with it, the aten ops (kernel launches) and the gradient bytes do not.
+    print(f"\n  a bigger batch per GPU (FLOPs x k, same ops and bytes): DDP efficiency at {SCALES[-1]}, GPU step")
+    mults = (1, 4, 16, 64)
+    print(f"  {'config':<28}" + "".join(f"{'batch x' + str(k):>20}" for k in mults))
+    for path, prof in rows:
+        cells = []
+        for k in mults:
+            step = gpu_step_s(prof["step_flops"] * k, prof["step_ops"], args.gpu_tflops, args.gpu_op_us)
+            cells.append(f"{efficiencies(prof, step, f)['ddp'][-1][0]:.1%} {step * 1e3:6.2f} ms")
+        print(f"  {path:<28}" + "".join(f"{c:>20}" for c in cells))
+
+
+def efficiencies(prof, step_s: float, f: Fabric) -> dict[str, list[tuple[float, float]]]:
+    """{strategy: [(efficiency, exposed communication seconds) at each of SCALES]}."""
+    bwd = {net: step_s * prof["bwd_flops"][net] / prof["step_flops"] for net in ("D", "G")}
+    out: dict[str, list[tuple[float, float]]] = {"ddp": [], "zero1/2": []}
+    for n in SCALES:
+        nets = [(ddp_buckets([4 * p for p in prof[f"{net}_params"]]), bwd[net]) for net in ("D", "G")]
+        ddp = ddp_step_s(step_s, nets, n, f)
+        zero = zero_step_s(step_s, [4 * sum(prof[f"{net}_params"]) for net in ("D", "G")], n, f)
+        out["ddp"].append((step_s / ddp, ddp - step_s))
+        out["zero1/2"].append((step_s / zero, zero - step_s))
+    return out
+
+
+def _gpu_step(prof, args) -> float:
+    if args.gpu_step_ms:
+        return args.gpu_step_ms / 1e3
+    return gpu_step_s(prof["step_flops"], prof["step_ops"], args.gpu_tflops, args.gpu_op_us)
+
+
+def _mb(nbytes: float) -> str:
+    return f"{nbytes / 1e6:.2f} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:.1f} KB"
+
+
+def _rounds(values: list[float]) -> str:
+    return "rounds: " + ", ".join(f"{v:.0f}" for v in values)
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())

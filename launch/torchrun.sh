@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# torchrun for distgan: picks the processes per machine, handles one machine or several, then runs
+# `torchrun ... -m distgan.train "$@"`. Arguments are distgan's (--config, --run-dir, key=value overrides).
+#
+#   launch/torchrun.sh --config configs/default.yaml                 # this machine: one process per GPU,
+#                                                                    #   or CPU_PROCS (2) without GPUs
+#   NPROC_PER_NODE=4 launch/torchrun.sh --config configs/default.yaml
+#
+#   # Several machines, the same command on each (c10d rendezvous: node ranks are assigned as they join,
+#   # and MAX_RESTARTS restarts work):
+#   NNODES=2 MASTER_ADDR=10.0.0.1 launch/torchrun.sh --config configs/default.yaml
+#   # ... or with fixed node ranks (static rendezvous, like accelerate's machine_rank):
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 launch/torchrun.sh --config ...    # on 10.0.0.1
+#   NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 launch/torchrun.sh --config ...    # on the other machine
+#
+# Environment (everything is optional on one machine):
+#   NPROC_PER_NODE  processes on this machine (default: the GPUs visible, else CPU_PROCS)
+#   CPU_PROCS       processes without GPUs (default 2: the multi-process path, each process with half the cores)
+#   NNODES          machines in the job (default 1)
+#   NODE_RANK       this machine's rank, 0..NNODES-1: static rendezvous; unset: c10d rendezvous
+#   MASTER_ADDR     the rendezvous host, reachable from every machine (required when NNODES > 1)
+#   MASTER_PORT     its TCP port (default 29500 when NNODES > 1; on one machine a free port unless set)
+#   RDZV_ID         the job's id, the same on its machines (c10d; default: SLURM_JOB_ID, else "distgan")
+#   MAX_RESTARTS    restarts of all processes after a failure (default 0); each resumes from the last checkpoint
+#   TORCHRUN        the torchrun command (default: torchrun on PATH, else python3 -m torch.distributed.run)
+#   TORCHRUN_ARGS   more torchrun options, e.g. "--log_dir logs"
+set -euo pipefail
+
+# GPUs this process may use: CUDA_VISIBLE_DEVICES when set (empty, or starting with -1, hides them all), else
+# what nvidia-smi lists. Counted without importing torch, which would cost seconds before the launch.
+gpu_count() {
+    if [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then
+        if [[ -z "$CUDA_VISIBLE_DEVICES" || "$CUDA_VISIBLE_DEVICES" == -1* ]]; then
+            echo 0
+        else
+            local ids
+            IFS=, read -ra ids <<<"$CUDA_VISIBLE_DEVICES"
+            echo "${#ids[@]}"
+        fi
+    elif command -v nvidia-smi >/dev/null 2>&1; then
+        nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true
+    else
+        echo 0
+    fi
+}
+
+fail() {
+    echo "launch/torchrun.sh: error: $*" >&2
+    exit 2
+}
+
+nnodes=${NNODES:-1}
+[[ "$nnodes" =~ ^[1-9][0-9]*$ ]] || fail "NNODES=$nnodes is not a positive integer"
+
+if [[ -n "${NPROC_PER_NODE:-}" ]]; then
+    nproc=$NPROC_PER_NODE
+else
+    nproc=$(gpu_count)
+    [[ "$nproc" -gt 0 ]] || nproc=${CPU_PROCS:-2}
+fi
+[[ "$nproc" =~ ^[1-9][0-9]*$ ]] || fail "NPROC_PER_NODE=$nproc is not a positive integer"
+
+args=(--nproc_per_node="$nproc" --max_restarts="${MAX_RESTARTS:-0}")
+if [[ "$nnodes" -eq 1 ]]; then
+    if [[ -n "${MASTER_PORT:-}" ]]; then
+        args+=(--master_addr=127.0.0.1 --master_port="$MASTER_PORT")
+    else
+        args+=(--standalone) # a free port on this machine: two jobs here do not collide on 29500
+    fi
+else
+    [[ -n "${MASTER_ADDR:-}" ]] || fail "NNODES=$nnodes needs MASTER_ADDR (the rendezvous host every machine reaches)"
+    port=${MASTER_PORT:-29500}
+    args+=(--nnodes="$nnodes")
+    if [[ -n "${NODE_RANK:-}" ]]; then
+        [[ "$NODE_RANK" =~ ^[0-9]+$ && "$NODE_RANK" -lt "$nnodes" ]] || fail "NODE_RANK=$NODE_RANK is not in 0..$((nnodes - 1))"
+        args+=(--node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" --master_port="$port")
+    else
+        args+=(--rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$port" --rdzv_id="${RDZV_ID:-${SLURM_JOB_ID:-distgan}}")
+    fi
+fi
+
+if [[ -n "${TORCHRUN:-}" ]]; then
+    read -ra launcher <<<"$TORCHRUN"
+elif command -v torchrun >/dev/null 2>&1; then
+    launcher=(torchrun)
+else
+    launcher=(python3 -m torch.distributed.run)
+fi
+read -ra extra <<<"${TORCHRUN_ARGS:-}"
+
+cmd=("${launcher[@]}" "${args[@]}" "${extra[@]}" -m distgan.train "$@")
+echo "launch/torchrun.sh: ${cmd[*]}" >&2
+exec "${cmd[@]}"

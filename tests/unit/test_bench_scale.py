@@ -1,0 +1,124 @@
+"""The scaling model of distgan/bench_scale.py (docs/scaling.md), against values computed by hand."""
+
+import pytest
+
+from distgan.bench_scale import (
+    H100_IB,
+    SCALES,
+    Fabric,
+    allreduce_s,
+    bus_bw,
+    ddp_buckets,
+    ddp_step_s,
+    efficiencies,
+    exposed_s,
+    fit_latency_bandwidth,
+    gloo_fabric,
+    gpu_step_s,
+    half_ring_s,
+    num_nodes,
+    ring_allreduce_s,
+    tree_allreduce_s,
+    zero_step_s,
+)
+
+# 4 GPUs per node, 10 us per collective, 1 us per step inside a node, 5 us between nodes, 100 GB/s inside a
+# node, 10 GB/s per network adapter.
+F = Fabric("test", gpus_per_node=4, base_s=10e-6, intra_step_s=1e-6, inter_step_s=5e-6, intra_bw=100e9, nic_bw=10e9)
+US = 1e-6
+
+
+def test_nodes_and_bus_bandwidth():
+    assert [num_nodes(n, F) for n in (1, 4, 5, 8)] == [1, 1, 2, 2]
+    assert bus_bw(4, F) == 100e9  # one node: the switch
+    assert bus_bw(8, F) == 40e9  # across nodes: 4 adapters of 10 GB/s carry the node's traffic
+
+
+def test_ring_and_tree_inside_one_node():
+    # ring: 10 + 2*3 steps * 1 + 2*3/4 * 1 MB / 100 GB/s = 10 + 6 + 15 us
+    assert ring_allreduce_s(1e6, 4, F) == pytest.approx(31 * US)
+    # tree: 10 + 2*(3*1 + 0 levels) + 2 * 1 MB / 100 GB/s = 10 + 6 + 20 us
+    assert tree_allreduce_s(1e6, 4, F) == pytest.approx(36 * US)
+    assert allreduce_s(1e6, 4, F) == pytest.approx(31 * US)  # the cheaper one
+    assert allreduce_s(1e6, 1, F) == 0.0  # one rank talks to nobody
+
+
+def test_ring_and_tree_across_nodes():
+    # 8 GPUs on 2 nodes, 1 MB. ring: 10 + 2*(8-2)*1 + 2*(2-1)*5 + 2*7/8 * 1e6/40e9 = 10 + 12 + 10 + 43.75 us
+    assert ring_allreduce_s(1e6, 8, F) == pytest.approx(75.75 * US)
+    # tree: 10 + 2*(3*1 + 1*5) + 2e6/40e9 = 10 + 16 + 50 us
+    assert tree_allreduce_s(1e6, 8, F) == pytest.approx(76 * US)
+    # 64 GPUs on 16 nodes, 1 KB: latency decides. ring: 10 + 2*48*1 + 2*15*5 + ~0.05 us; tree: 10 + 2*(3 + 4*5)
+    assert ring_allreduce_s(1e3, 64, F) == pytest.approx((10 + 96 + 150 + 2 * 63 / 64 * 1e3 / 40e9 / US) * US)
+    assert tree_allreduce_s(1e3, 64, F) == pytest.approx((10 + 46 + 0.05) * US)
+    assert allreduce_s(1e3, 64, F) == tree_allreduce_s(1e3, 64, F)
+
+
+def test_reduce_scatter_is_half_a_ring_with_its_own_fixed_cost():
+    assert half_ring_s(1e6, 4, F) == pytest.approx((10 + (31 - 10) / 2) * US)
+    assert half_ring_s(1e6, 1, F) == 0.0
+
+
+def test_ddp_buckets_close_once_they_reach_their_cap():
+    first, cap = 1 << 20, 25 << 20
+    # 0.6 MB + 0.6 MB reach the 1 MiB first cap; 0.3 MB + 30 MB reach 25 MiB; 10 bytes are left over.
+    assert ddp_buckets([600_000, 600_000, 300_000, 30_000_000, 10], first, cap) == [1_200_000, 30_300_000, 10]
+    assert ddp_buckets([500_000], first, cap) == [500_000]  # a small network is one bucket: nothing overlaps
+    assert ddp_buckets([]) == []
+
+
+def test_exposed_time_is_the_last_bucket_plus_what_backward_cannot_hide():
+    assert exposed_s([2.0, 3.0, 1.0], backward_s=4.0) == 1.0 + 1.0  # 5 s of early buckets behind 4 s backward
+    assert exposed_s([2.0, 3.0, 1.0], backward_s=10.0) == 1.0  # all hidden but the last
+    assert exposed_s([7.0], backward_s=100.0) == 7.0  # one bucket: ready only when backward ends
+    assert exposed_s([], backward_s=1.0) == 0.0
+
+
+def test_step_times_ddp_and_zero():
+    assert ddp_step_s(1e-3, [([1_000_000], 5e-4)], 4, F) == pytest.approx(1e-3 + 31 * US)
+    two_nets = [([1_000_000], 5e-4), ([1_000_000], 5e-4)]  # D then G: two all-reduces in sequence
+    assert ddp_step_s(1e-3, two_nets, 4, F) == pytest.approx(1e-3 + 62 * US)
+    # ZeRO: reduce-scatter + all-gather per network, nothing overlapped: 2 * 20.5 us
+    assert zero_step_s(1e-3, [1_000_000], 4, F) == pytest.approx(1e-3 + 41 * US)
+
+
+def test_gpu_step_is_arithmetic_or_kernel_launches_whichever_is_longer():
+    assert gpu_step_s(1e12, 100, tflops=100, op_us=5) == pytest.approx(0.01)  # 1 TFLOP at 100 TFLOP/s
+    assert gpu_step_s(1e9, 300, tflops=100, op_us=6) == pytest.approx(300 * 6 * US)  # launch-bound
+
+
+def test_fit_recovers_latency_and_bandwidth_and_the_gloo_fabric_reproduces_the_line():
+    latency, bw = fit_latency_bandwidth([0, 1e6, 2e6, 4e6], [1e-3, 2e-3, 3e-3, 5e-3])
+    assert latency == pytest.approx(1e-3) and bw == pytest.approx(1e9)
+    gloo = gloo_fabric(latency / 2, bw)  # 2 ranks: a ring of 2 steps, 2(N-1)/N = 1 times the bytes
+    for size in (4096, 1e6, 3e6):
+        assert allreduce_s(size, 2, gloo) == pytest.approx(latency + size / bw)
+
+
+def test_efficiency_of_a_toy_network_on_one_h100_node():
+    # G 1 MB and D 0.5 MB of fp32 gradients, each one bucket; a 1 ms step, half of it each network's backward.
+    prof = {"G_params": [250_000], "D_params": [125_000], "step_flops": 1.0, "bwd_flops": {"D": 0.5, "G": 0.5}}
+    eff = efficiencies(prof, 1e-3, H100_IB)
+    # 8 GPUs, one node, ring: 10 + 14*1 us + 2*7/8 * S / 360 GB/s: G 28.861 us, D 26.431 us
+    g, d = (24 + 1.75 * 1e6 / 360e9 / US) * US, (24 + 1.75 * 0.5e6 / 360e9 / US) * US
+    assert eff["ddp"][0][0] == pytest.approx(1e-3 / (1e-3 + g + d), rel=1e-9)
+    # ZeRO: the same fp32 bytes, but two ring collectives per network: 2 * (10 + 7 + 7/8 * S/360e9) us each
+    zg, zd = (2 * (17 + 0.875 * 1e6 / 360e9 / US)) * US, (2 * (17 + 0.875 * 0.5e6 / 360e9 / US)) * US
+    assert eff["zero1/2"][0][0] == pytest.approx(1e-3 / (1e-3 + zg + zd), rel=1e-9)
+    for strategy in eff.values():
+        values = [e for e, _ in strategy]
+        assert len(values) == len(SCALES) and values == sorted(values, reverse=True) and values[0] < 1
+
+
+def test_command_line_parses_and_prints_its_help(capsys):
+    import argparse
+
+    from distgan.bench_scale import add_parser
+
+    p = argparse.ArgumentParser()
+    add_parser(p.add_subparsers(dest="what"))
+    args = p.parse_args(["scale", "--model-only", "--gpu-step-ms", "0.5"])
+    assert args.model_only and args.gpu_step_ms == 0.5 and args.config is None  # None: the shipped configs
+    with pytest.raises(SystemExit):
+        p.parse_args(["scale", "--help"])
+    assert "off by > 15%" in capsys.readouterr().out  # argparse formats help with %: a bare one breaks --help
