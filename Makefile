@@ -9,8 +9,8 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 # torch/torchvision must be a matching pair from the same index: the CPU-only torch wheel some machines carry
 # locally cannot load the registry's torchvision (see README, "Installing"). DeepSpeed installs without
-# compiling its ops (DS_BUILD_OPS=0): distgan uses torch's Adam, and the one op DeepSpeed needs on a CPU is
-# compiled on first use and cached in ~/.cache/torch_extensions.
+# compiling its ops (DS_BUILD_OPS=0): distgan uses torch's Adam and torch.distributed's collectives, so none
+# is needed (distgan/distributed/zero.py).
 TORCH   := torch==2.14.1 torchvision==0.29.2
 CONFIG  ?= configs/default.yaml
 RUN_DIR ?=

@@ -34,6 +34,7 @@ time per op), both stated as options, or `--gpu-step-ms`. Fabric figures are sta
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import statistics
@@ -382,14 +383,20 @@ def report_config(path, cfg, prof, images, args) -> bool:
 
     # (a) + (d): 1 rank, 2 ranks, 2 alone, alternating so the VM's drift hits all three alike. Each run keeps
     # its best segment: on a machine shared with other jobs that is the one they disturbed least.
-    rounds: dict[str, list[float]] = {"1 rank": [], "2 ranks": [], "2 alone": []}
+    # With DeepSpeed installed, the same 2 ranks as two ZeRO-2 engines too: the check of the ZeRO model.
+    zero = _has_deepspeed()
+    rounds: dict[str, list[float]] = {"1 rank": [], "2 ranks": [], "2 alone": [], **({"2 zero2": []} if zero else {})}
     steps = max(2, round(args.seconds / SEGMENTS / prof["step_s"]))
+    zero_cfg = copy.deepcopy(cfg)
+    zero_cfg.dist.strategy = "zero2"
     for _ in range(args.repeats):
         common = (cfg, b, steps, SEGMENTS, args.warmup)
         rounds["1 rank"].append(max(run_local(1, _segments_child, *common, True, images)[0]))
         rounds["2 ranks"].append(max(run_local(2, _segments_child, *common, True, images)[0]))
         alone = run_local(2, _segments_child, *common, False, images)
         rounds["2 alone"].append(max(x + y for x, y in zip(*alone)))  # the two ran side by side
+        if zero:
+            rounds["2 zero2"].append(max(run_local(2, _segments_child, zero_cfg, *common[1:], True, images)[0]))
     ips = {k: statistics.median(v) for k, v in rounds.items()}
     print(f"  measured here, 1 thread per rank, best of {SEGMENTS} segments of {steps} steps, "
           f"median of {args.repeats} rounds:")  # fmt: skip
@@ -399,6 +406,9 @@ def report_config(path, cfg, prof, images, args) -> bool:
           f"({_rounds(rounds['2 ranks'])})")  # fmt: skip
     print(f"    2 alone   {ips['2 alone']:8.1f} img/s   {ips['2 alone'] / ips['1 rank']:.2f}x   "
           f"(no process group: what 2 processes get from this machine; {_rounds(rounds['2 alone'])})")  # fmt: skip
+    if zero:
+        print(f"    2 zero2   {ips['2 zero2']:8.1f} img/s   {ips['2 zero2'] / ips['1 rank']:.2f}x   "
+              f"(G and D as DeepSpeed ZeRO-2 engines; {_rounds(rounds['2 zero2'])})")  # fmt: skip
 
     # The check: the model's 2-rank img/s against (d), round by round (each round's figures were measured
     # minutes apart at most). Compute comes from (a), the 1-rank step, and once more from '2 alone': on this VM
@@ -433,7 +443,25 @@ def report_config(path, cfg, prof, images, args) -> bool:
         f"    a 2-rank step takes {statistics.median(added) * 1e3:.1f} ms longer than one of '2 alone' (median); "
         f"the model's exposed all-reduce is {modelled * 1e3:.1f} ms"
     )
+    if zero:  # ZeRO-2: per network a reduce-scatter and an all-gather, not overlapped (zero_step_s)
+        grad_bytes = [sum(grads[net]) for net in ("D", "G")]
+        errs = [2 * nimg / zero_step_s(2 * nimg / alone, grad_bytes, 2, gloo) / z - 1
+                for z, alone in zip(rounds["2 zero2"], rounds["2 alone"])]  # fmt: skip
+        pairs = zip(rounds["2 zero2"], rounds["2 alone"])
+        zero_added = statistics.median(2 * nimg / z - 2 * nimg / a for z, a in pairs)
+        print(
+            "    ZeRO-2, compute of '2 alone': " + ", ".join(f"{e:+.1%}" for e in errs)
+            + f"   median {statistics.median(errs):+.1%} (informational: DeepSpeed's own per-step work on the host"
+            f" is not in the model); a ZeRO-2 step takes {zero_added * 1e3:.1f} ms longer than one of '2 alone', "
+            f"the model's collectives {(zero_step_s(0.0, grad_bytes, 2, gloo)) * 1e3:.1f} ms"
+        )  # fmt: skip
     return ok
+
+
+def _has_deepspeed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
 
 
 def predict(rows, args) -> None:

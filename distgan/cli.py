@@ -11,7 +11,9 @@ import sys
 COMMANDS = {
     "prepare": ("distgan.data.prepare", "convert a dataset into WebDataset tar shards + manifest.json"),
     "train": ("distgan.train", "train a GAN (same arguments as python -m distgan.train)"),
-    "bench": ("distgan.bench", "benchmarks: `distgan bench train --config ...`"),
+    "generate": ("distgan.generate", "images, grids, latent walks and progress animations from a trained G"),
+    "eval": ("distgan.evaluate", "FID/KID/IS/precision-recall of a run, checkpoint or image folder; --watch a run"),
+    "bench": ("distgan.bench", "benchmarks: `distgan bench train|data|scale ...`"),
 }
 
 

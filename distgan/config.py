@@ -144,6 +144,25 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Metrics inside the training loop (every rank pauses for them); `distgan eval --watch` never pauses it.
+
+    Rank 0 computes the metrics while the others wait without a heartbeat: that part must stay well within
+    train.hang_timeout_s (seconds on a GPU; on a CPU keep eval.num to a few thousand).
+    """
+
+    every_kimg: float = _f(0.0, "evaluate G_ema every N kimg and at the end (0 = off)")
+    metrics: str = _f("fid", "comma-separated: fid, kid, is, pr (precision/recall)")
+    num: int = _f(10000, "generated images per evaluation (and real images, at most all)")
+    features: str = _f("inception", "inception (FID Inception-v3) or torchscript:PATH (a TorchScript file you trust)")
+    inception_weights: str = _f("", "a local copy of the FID Inception weights (empty: fetched once, hub cache)")
+    real: str = _f("", "reference images: a shards folder/manifest or an image folder (empty: the training data)")
+    batch: int = _f(64, "images per forward, per rank")
+    seed: int = _f(0, "latents and real subset of the evaluations")
+    cache: str = _f("", "real-features cache folder (empty: $DISTGAN_CACHE or ~/.cache/distgan/stats)")
+
+
+@dataclass
 class Config:
     name: str = _f("", "run name (default: the config file's name)")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -153,6 +172,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     # ------------------------------------------------------------------ validation
     def problems(self, world_size: int = 1) -> list[str]:
@@ -214,6 +234,7 @@ class Config:
         need(t.hang_timeout_s >= 0, f"train.hang_timeout_s={t.hang_timeout_s} must be >= 0")
         need(t.sample_num >= 1, f"train.sample_num={t.sample_num} must be >= 1")
         need(t.threads >= 0, f"train.threads={t.threads} must be >= 0")
+        out += _eval_problems(self.eval)
         return out
 
     def validate(self, world_size: int = 1) -> Config:
@@ -232,6 +253,23 @@ class Config:
     def digest(self) -> str:
         """A short hash of the values (identifies a config in checkpoints and caches)."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _eval_problems(e: EvalConfig) -> list[str]:
+    from distgan.metrics import features_problem, parse_metrics
+
+    out = []
+    try:
+        parse_metrics(e.metrics)
+    except ValueError as err:
+        out.append(f"eval.{err}")
+    problem = features_problem(e.features)
+    if problem:
+        out.append(f"eval.{problem}")
+    for key, low in (("every_kimg", 0), ("num", 2), ("batch", 1)):
+        if getattr(e, key) < low:
+            out.append(f"eval.{key}={getattr(e, key)} must be >= {low}")
+    return out
 
 
 def to_yaml(cfg: Config) -> str:

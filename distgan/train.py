@@ -45,6 +45,7 @@ RESUMABLE_CHANGES = (
     "data.max_bad_fraction",
     "data.allow_pipe",
     "log.",
+    "eval.",
 )
 
 
@@ -173,7 +174,9 @@ def _run(cfg, dist, run_dir_arg, resume, allow_config_change) -> dict:
     finished = trainer.cur_nimg >= cfg.train.total_kimg * 1000
     tracker = NullTracker()
     if dist.is_main and not finished:
-        tracker = make_tracker(cfg.log.tracker, console, cfg, run_dir, state and state.get("tracker_run_id"))
+        launch = {"launcher": dist.launcher_name, "world_size": dist.world_size, "device": str(dist.device),
+                  "threads_per_rank": dist.threads, "distgan": __version__}  # fmt: skip
+        tracker = make_tracker(cfg.log.tracker, console, cfg, run_dir, state and state.get("tracker_run_id"), launch)
     start = time.time()
     watchdog = Watchdog(dist, cfg.train.hang_timeout_s) if not finished else None
     try:
@@ -185,9 +188,7 @@ def _run(cfg, dist, run_dir_arg, resume, allow_config_change) -> dict:
         tracker.finish()
         stream.close()
 
-    # Where everything is.
-    latest = (ckpts.committed() or [None])[-1]
-    samples = sorted((run_dir / "samples").glob("fakes-*.png"))
+    # How it went, where everything is, and what to run next.
     if finished:
         console.print(
             f"already trained to {trainer.cur_nimg / 1000:.3f} kimg >= train.total_kimg; "
@@ -197,12 +198,47 @@ def _run(cfg, dist, run_dir_arg, resume, allow_config_change) -> dict:
     else:
         seconds = time.time() - start
         console.print(f"done: {summary['kimg']:.3f} kimg in {_hms(seconds)} ({summary['img_per_sec']:.0f} img/s)")
-    console.print(f"  samples:     {samples[-1] if samples else '(none)'}")
-    console.print(f"  checkpoint:  {latest if latest else '(none)'}")
-    console.print(f"  stats:       {run_dir / 'stats.jsonl'}")
-    if tracker.location:
-        console.print(f"  W&B:         {tracker.location}")
+    for line in summary_lines(summary, tracker, trainer, run_dir, (ckpts.committed() or [None])[-1]):
+        console.print(line)
     return summary
+
+
+def summary_lines(summary: dict, tracker, trainer, run_dir: Path, latest: Path | None) -> list[str]:
+    """The end of a run on the console: last losses and metrics, trouble if any, the outputs, the next commands."""
+
+    def values(items) -> str:
+        return "  ".join(f"{k} {v:.4g}" for k, v in sorted(items))
+
+    lines = []
+    losses = [(k, v) for k, v in summary.items() if k.startswith("Loss/")]
+    if losses:
+        lines.append(f"  losses:      {values(losses)}  (last log interval)")
+    # Metrics (FID, ...) are computed every few kimg, not every interval: the latest of each, with its kimg.
+    metrics = {k: (v, summary["kimg"]) for k, v in summary.items() if k.startswith("Metrics/")}
+    metrics.update({k: vk for k, vk in tracker.latest.items() if k.startswith("Metrics/")})
+    if metrics:
+        shown = [f"{k} {v:.4g} @ {kimg:g} kimg" for k, (v, kimg) in sorted(metrics.items())]
+        lines.append("  metrics:     " + "  ".join(shown))
+    if trainer.skips_total or trainer.rollbacks:
+        lines.append(
+            f"  trouble:     {trainer.skips_total} step(s) skipped for non-finite values, "
+            f"{trainer.rollbacks} rollback(s) (warnings in {run_dir / 'log.txt'})"
+        )
+    samples = sorted((run_dir / "samples").glob("fakes-*.png"))
+    grids = f" (the last of {len(samples)} in {run_dir / 'samples'})" if len(samples) > 1 else ""
+    lines.append(f"  samples:     {samples[-1] if samples else '(none)'}{grids}")
+    lines.append(f"  checkpoint:  {latest if latest else '(none)'}")
+    lines.append(f"  stats:       {run_dir / 'stats.jsonl'}")
+    lines.append(f"  log:         {run_dir / 'log.txt'}")
+    if tracker.location:
+        lines.append(f"  W&B:         {tracker.location}")
+    if latest:
+        lines.append("next:")
+        lines.append(f"  distgan generate --run {run_dir} --num 64 --out {run_dir / 'generated.png'}")
+        if samples:
+            lines.append(f"  distgan generate --run {run_dir} --progress --out {run_dir / 'progress.gif'}")
+        lines.append(f"  distgan eval --run {run_dir}")
+    return lines
 
 
 def find_checkpoint(ckpts, resume: str, dist) -> Path | None:

@@ -92,6 +92,8 @@ class Trainer:
         self.skips_in_a_row = 0  # steps whose update was skipped for non-finite values, in a row
         self.skips_total = 0
         self.rollbacks = 0
+        self.nimg_discarded = 0  # images trained and thrown away by rollbacks: W&B's step is cur_nimg + this
+        self._skips_alerted = 0  # skips_total when the last alert about skipped steps went out
         self._skipped = False  # some phase of the current step skipped its update
         self._beat = None  # the watchdog's beat(step, phase, what), during fit
         self._phase_no = 0
@@ -167,6 +169,9 @@ class Trainer:
         self.stats.report("Loss/D/main", loss)
         self.stats.report("D/real_logit", real_logits)
         self.stats.report("D/fake_logit", fake_logits)
+        # D(x) and D(G(z)): the mean probability D gives a real and a fake of being real (0.5 each when D is lost).
+        self.stats.report("D/real_prob", torch.sigmoid(real_logits.detach().float()))
+        self.stats.report("D/fake_prob", torch.sigmoid(fake_logits.detach().float()))
         if with_reg:
             loss = loss + self._d_penalties(real, real_logits, fake, gen, gain=1)
         self._optimize("D", loss, self.scaler_D)
@@ -280,6 +285,8 @@ class Trainer:
         """
         t = self.cfg.train
         self.tracker = tracker or NullTracker()
+        self.tracker.step_offset = self.nimg_discarded
+        self._skips_alerted = self.skips_total  # (a resumed run's earlier skips were reported by its first part)
         total_nimg = round(t.total_kimg * 1000)
         every = {
             "log": max(1, round(t.log_every_kimg * 1000)),
@@ -288,6 +295,10 @@ class Trainer:
         }
         ckpts = CheckpointManager(self.run_dir, t.keep_ckpts, warn=self._warn) if self.run_dir else None
         self._beat = watchdog.beat if watchdog is not None else None
+        # Inline metrics (eval.every_kimg > 0): built now, so a missing extractor fails before the first step.
+        evaluator = self._make_evaluator() if self.cfg.eval.every_kimg > 0 else None
+        if evaluator is not None:
+            every["eval"] = max(1, round(self.cfg.eval.every_kimg * 1000))
 
         # Fixed latents for the sample grids: the same for the whole run, across resumes.
         self.fixed_z = torch.randn(
@@ -336,7 +347,7 @@ class Trainer:
 
             if due["log"]:
                 last_stats = self._log_tick(total_nimg)
-            if due["sample"] or due["ckpt"] or save_now:
+            if due["sample"] or due["ckpt"] or save_now or due.get("eval"):
                 self.sync_buffers()
             if self.run_dir is not None and due["sample"] and self.dist.is_main:
                 self._mark("writing a sample grid")
@@ -349,6 +360,8 @@ class Trainer:
                 if saved is None:
                     self._rollback(ckpts, "the training state has non-finite values (not saved)")
                     continue
+            if due.get("eval") and not signum:  # a stop is served first: an evaluation can take minutes
+                self._evaluate(evaluator)
             if self.console is not None:
                 self.console.advance(self.cur_nimg, _short(last_stats) if due["log"] else None)
             if signum and not done:  # (a signal at the very last step: the run is complete anyway)
@@ -386,20 +399,31 @@ class Trainer:
         """Go back to the newest good checkpoint (every rank reaches this at the same step), or give up."""
         limit = self.cfg.train.max_rollbacks
         if self.rollbacks >= limit:
-            raise Diverged(
+            self._give_up(
                 f"{why} at {self.cur_nimg / 1000:.3f} kimg, after {self.rollbacks} rollback(s) "
                 f"(train.max_rollbacks={limit}); lower the learning rates or try train.precision=fp32"
             )
         path = ckpts.latest_on_every_rank(self.dist) if ckpts is not None else None
         if path is None:
-            raise Diverged(f"{why} at {self.cur_nimg / 1000:.3f} kimg, and there is no checkpoint to roll back to")
-        rollbacks, skips = self.rollbacks + 1, self.skips_total
+            self._give_up(f"{why} at {self.cur_nimg / 1000:.3f} kimg, and there is no checkpoint to roll back to")
+        rollbacks, skips, nimg, discarded = self.rollbacks + 1, self.skips_total, self.cur_nimg, self.nimg_discarded
         self.load_checkpoint(path)
         self.rollbacks, self.skips_total = max(self.rollbacks, rollbacks), max(self.skips_total, skips)
+        # The images since the checkpoint are trained again; W&B's step (tracking.py) must keep growing.
+        self.nimg_discarded = discarded + nimg - self.cur_nimg
+        self.tracker.step_offset = self.nimg_discarded
         self.skips_in_a_row = 0
         self.stats.reset()
         self._tick = (self.cur_nimg, time.time())
         self._warn(f"{why}; rolled back to {path.name} ({self.rollbacks} of train.max_rollbacks={limit})")
+        self.tracker.alert(
+            f"Rolled back ({self.rollbacks} of {limit})",
+            f"{why} at {nimg / 1000:.3f} kimg; rolled back to {path.name} ({self.cur_nimg / 1000:.3f} kimg)",
+        )
+
+    def _give_up(self, msg: str) -> None:
+        self.tracker.alert("Diverged: training stopped", msg, "ERROR")
+        raise Diverged(msg)
 
     def _warn(self, msg: str) -> None:
         if self.console is not None and self.dist.is_main:
@@ -430,6 +454,14 @@ class Trainer:
             if self.run_dir is not None:
                 _append_jsonl(self.run_dir / "stats.jsonl", {"kimg": kimg, "nimg": self.cur_nimg, **values})
             self.tracker.log(values, kimg)
+        # One alert per log interval that had skipped steps, however many: a person needs to know, not a count.
+        new_skips, self._skips_alerted = self.skips_total - self._skips_alerted, self.skips_total
+        if new_skips:
+            self.tracker.alert(
+                "Steps skipped: non-finite values",
+                f"{new_skips} step(s) skipped for non-finite losses or gradients up to {self.cur_nimg / 1000:.3f} "
+                f"kimg ({self.skips_total} in this run)",
+            )
         return values
 
     def _check_data(self, values: dict[str, float]) -> None:
@@ -490,6 +522,39 @@ class Trainer:
         if images is not None:
             save_image(images.float() / 255, path, nrow=_grid_cols(len(images)))
 
+    # ================================================================== metrics
+
+    def _make_evaluator(self):
+        """The `eval.*` evaluator (every rank): its extractor loaded, the real features extracted or cached."""
+        from distgan.metrics import parse_metrics
+        from distgan.metrics.evaluator import Evaluator
+        from distgan.metrics.features import make_extractor
+        from distgan.metrics.sources import open_source, training_source
+
+        e = self.cfg.eval
+        real = open_source(e.real) if e.real else training_source(self.cfg)
+        with self.dist.local_main_first():  # the first rank of a node fetches the Inception weights if it must
+            extractor = make_extractor(e.features, self.device, e.inception_weights or None)
+        beat = lambda: self._mark("evaluating metrics")  # noqa: E731 (the watchdog hears from every batch)
+        evaluator = Evaluator(parse_metrics(e.metrics), extractor, real, self.dist, num=e.num, batch=e.batch,
+                              seed=e.seed, cache_dir=e.cache or None, beat=beat)  # fmt: skip
+        evaluator.real_features()
+        return evaluator
+
+    def _evaluate(self, evaluator) -> dict[str, float]:
+        """Metrics of G_ema now (a collective); rank 0 logs them as Metrics/* to the tracker and stats.jsonl."""
+        from distgan.metrics.sources import GeneratorSource
+
+        self._mark("evaluating metrics")
+        fake = GeneratorSource(self.G_ema.module, self.cfg.model.z_dim, self.cfg.eval.seed, name="G_ema")
+        values = {f"Metrics/{k}": v for k, v in evaluator.evaluate(fake).items()}
+        if self.dist.is_main:
+            kimg = self.cur_nimg / 1000
+            if self.run_dir is not None:
+                _append_jsonl(self.run_dir / "stats.jsonl", {"kimg": kimg, "nimg": self.cur_nimg, **values})
+            self.tracker.log(values, kimg)
+        return values
+
     # ================================================================== state
 
     def state_dict(self) -> dict:
@@ -513,6 +578,7 @@ class Trainer:
             "data_totals": dict(self.data_totals),
             "skips_total": self.skips_total,
             "rollbacks": self.rollbacks,
+            "nimg_discarded": self.nimg_discarded,
         }
 
     def rank_state(self) -> dict:
@@ -557,6 +623,7 @@ class Trainer:
         self.data_totals = dict(state["data_totals"])
         self.skips_total = int(state["skips_total"])
         self.rollbacks = int(state["rollbacks"])
+        self.nimg_discarded = int(state.get("nimg_discarded", 0))  # (absent from checkpoints of before W&B steps)
         self.skips_in_a_row = 0
 
     def load_rank_state(self, state: dict, same_world: bool) -> None:

@@ -36,6 +36,7 @@ class StopSignals:
     def __init__(self, dist, signals=STOP_SIGNALS):
         self.dist = dist
         self.received = 0  # the signal number, set by the handler
+        self.agreed = 0  # the signal any rank received, as the ranks agreed at the last step boundary
         self.received_at: float | None = None
         self._work = None
         self._previous = {}
@@ -56,10 +57,12 @@ class StopSignals:
     def end_step(self) -> int:
         """The signal some rank received (the same answer on every rank), or 0."""
         if self._work is None:
+            self.agreed = self.received
             return self.received
         self._work.wait()
         self._work = None
-        return int(self._buf.item())
+        self.agreed = int(self._buf.item())
+        return self.agreed
 
     def close(self) -> None:
         if self._work is not None:
@@ -68,10 +71,10 @@ class StopSignals:
             except RuntimeError:  # a peer died mid-step: that error is already on its way up
                 pass
             self._work = None
-        if self.received:
-            # Stopping: keep only recording signals until the process is gone. The launcher may signal the ranks
-            # that are still finishing (torchrun SIGTERMs the others once one exits 3), and W&B's last flush or
-            # the loader shutdown must not die of it half-way.
+        if self.received or self.agreed:
+            # Stopping (this rank got the signal, or another did): keep only recording signals until the process
+            # is gone. The launcher may signal the ranks that are still finishing (torchrun SIGTERMs the others
+            # once one exits), and W&B's last flush or the loader shutdown must not die of it half-way.
             return
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)

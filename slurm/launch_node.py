@@ -16,9 +16,9 @@ option works as usual (c10d rendezvous, --nnodes, --nproc-per-node, ...). The tw
 
 2. The workers' exit code survives. torchrun exits 1 for any failed worker; this exits 3 when a worker exited 3
    (distgan exits 3 only after every rank committed the same checkpoint, see distgan/errors.py), so train.sh
-   can tell "stopped with a checkpoint: requeue" from a failure. Otherwise it exits with the workers' common
-   distgan code (2, 4, 5) or 1. torchrun terminates the workers that are still running when the first one
-   exits, so the codes of the others may read as a signal: one exit code 3 is the proof that counts.
+   can tell "stopped with a checkpoint: requeue" from a failure. Otherwise it exits with the common distgan
+   code (2, 4, 5) of the workers that ended by themselves, or 1. torchrun terminates the workers that are still
+   running when the first one exits, so the codes of the others may read as a signal: those do not count.
 """
 
 from __future__ import annotations
@@ -51,7 +51,10 @@ def main(argv: list[str]) -> int:
               f"{e.format_msg()}", file=sys.stderr, flush=True)  # fmt: skip
         if EXIT_INTERRUPTED in codes:
             return EXIT_INTERRUPTED
-        return codes[0] if len(codes) == 1 and 1 < codes[0] < 128 else 1
+        # Ranks that torchrun terminated after the first one failed read as signals (negative codes): the code
+        # of the ranks that ended by themselves is the job's.
+        own = sorted({c for c in codes if c >= 0})
+        return own[0] if len(own) == 1 and 1 < own[0] < 128 else 1
     except SignalException as e:  # SIGTERM/SIGINT/SIGHUP/SIGQUIT: torchrun already stopped its workers
         print(f"distgan-slurm: the node launcher got {e.sigval.name}; its processes were stopped", file=sys.stderr)
         return 128 + int(e.sigval)

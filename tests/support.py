@@ -1,4 +1,5 @@
-"""Helpers shared by the tests: build a trainer from config overrides, run code on N gloo processes.
+"""Helpers shared by the tests: build a trainer from config overrides, run code on N gloo processes, read W&B
+offline run files (`wandb_records`).
 
 run_ranks(worker, N, *args) runs worker(rank, world_size, *args) in N real processes joined in a gloo process
 group (distgan.local_launch: the environment torchrun would give them), so the code under test goes through
@@ -90,3 +91,31 @@ def run_ranks(fn, world: int, *args, timeout: float = 180):
         return run_local(world, fn, *args, timeout=timeout)
     except RuntimeError as e:
         raise AssertionError(str(e)) from None
+
+
+def wandb_records(path: Path):
+    """The records of a W&B offline run file (wandb ships no reader for them): a 7-byte file header, then 32 KiB
+    blocks of chunks (LevelDB's log format: crc32 u32, length u16, type u8 = full/first/middle/last), each
+    record a wandb_internal_pb2.Record. Read it after the writing process ended or called wandb.teardown():
+    `run.finish()` returns before the file is complete."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, pos, pending = path.read_bytes(), 32768, 7, b""
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0:  # zero padding up to the block's end
+            pos += block - pos % block
+            continue
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record

@@ -35,6 +35,7 @@ import io
 import logging
 import os
 import shutil
+import sys
 import tempfile
 
 import torch
@@ -57,6 +58,15 @@ SAFE_GLOBALS = [LossScaler, ZeroStageEnum, fragment_address]
 TAG = "ds"  # DeepSpeed's checkpoint "tag" (a sub-folder name in its own layout); ours is the checkpoint folder
 
 logging.getLogger("DeepSpeed").setLevel(logging.ERROR)  # its INFO lines per engine; skips are our own stats
+
+if os.environ["DS_ACCELERATOR"] == "cpu":
+    # DeepSpeed's CPU communication backend JIT-compiles a shared-memory all-reduce when it starts (65-85 s on
+    # first use, and a C++ compiler on the machine); only its inference all-reduce uses it, which distgan never
+    # calls (training collectives go through torch.distributed's gloo). Skipping the build changes no number.
+    # (sys.modules: the package's `torch` attribute is the torch library, re-exported by `from .comm import *`)
+    _ds_comm = sys.modules.get("deepspeed.comm.torch")
+    if _ds_comm is not None and hasattr(_ds_comm, "build_shm_op"):
+        _ds_comm.build_shm_op = lambda: None
 
 
 # Elements per gradient bucket: DDP's default 25 MB of fp32, so both strategies overlap reduction with backward

@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -183,11 +184,24 @@ def _errors(p) -> list[str]:
 ZERO_RUN = ("dist.strategy=zero2", "train.precision=bf16", "loss.r1_gamma=1", "loss.d_reg_interval=2")
 
 
+@pytest.fixture(scope="module")
+def zero_run(tmp_path_factory):
+    """One 2-rank ZeRO-2 run of configs/smoke.yaml through torchrun (each test works on a copy of it)."""
+    require_deepspeed()
+    tmp = tmp_path_factory.mktemp("zero_run")
+    return tmp / "run", _torchrun(tmp, *ZERO_RUN).stdout
+
+
+def _copy_run(zero_run, tmp_path):
+    shutil.copytree(zero_run[0], tmp_path / "run")
+    return zero_run[1]
+
+
 @pytest.mark.integration
-def test_zero_checkpoints_through_deepspeed_save_and_load(tmp_path):
+def test_zero_checkpoints_through_deepspeed_save_and_load(zero_run, tmp_path):
     from distgan.checkpoint import load_file, read_manifest, verify
 
-    out = _torchrun(tmp_path, *ZERO_RUN).stdout
+    out = _copy_run(zero_run, tmp_path)
     assert "backend=gloo world=2" in out and "precision=bf16 strategy=zero2" in out
     ckpt = tmp_path / "run" / "checkpoints" / "ckpt-000000128"
     assert verify(ckpt) is None
@@ -229,7 +243,7 @@ def _load_evil(rank, world, ckpt):
     from distgan.errors import CheckpointError
 
     dist = distributed.setup("fp32", threads=1)
-    tr = make_trainer("dist.strategy=zero2", dist=dist)
+    tr = make_trainer(*ZERO_RUN, dist=dist)
     try:
         tr.load_checkpoint(ckpt)
     except CheckpointError as e:
@@ -238,8 +252,8 @@ def _load_evil(rank, world, ckpt):
 
 
 @pytest.mark.integration
-def test_a_deepspeed_file_with_pickled_code_is_refused(tmp_path):
-    _torchrun(tmp_path, "dist.strategy=zero2")
+def test_a_deepspeed_file_with_pickled_code_is_refused(zero_run, tmp_path):
+    _copy_run(zero_run, tmp_path)
     ckpt = tmp_path / "run" / "checkpoints" / "ckpt-000000128"
     canary = tmp_path / "canary"
     # Rewrite DeepSpeed's module file (read by every rank) with a payload, and make every hash match again.

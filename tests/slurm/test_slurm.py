@@ -28,6 +28,7 @@ import torch
 from conftest import REPO, cli_env, require, require_deepspeed
 from distgan import __version__
 from distgan.checkpoint import load_file, rank_file, verify
+from support import wandb_records
 
 pytestmark = [pytest.mark.slurm, pytest.mark.integration, pytest.mark.dist, pytest.mark.slow]
 
@@ -331,33 +332,6 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(cluster, straight, 
                     rows.append(round(float(row["Progress/kimg"]) * 1000))
     assert run_ids == {files[0].name[4:-6]}, run_ids
     assert rows == list(range(32, TOTAL_NIMG + 1, 32)), rows
-
-
-def wandb_records(path: Path):
-    """The records of a W&B offline run file (wandb ships no reader for them): a 7-byte file header, then 32 KiB
-    blocks of chunks (LevelDB's log format: crc32 u32, length u16, type u8 = full/first/middle/last), each
-    record a wandb_internal_pb2.Record."""
-    import struct
-
-    from wandb.proto import wandb_internal_pb2
-
-    data, block, pos, pending = path.read_bytes(), 32768, 7, b""
-    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # a block's tail too short for a header is padding
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        if kind == 0:  # zero padding up to the block's end
-            pos += block - pos % block
-            continue
-        pending += data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):  # a full record, or the last chunk of one
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            pending = b""
-            yield record
 
 
 def test_a_stop_without_a_committed_checkpoint_is_not_requeued(cluster, tmp_path):

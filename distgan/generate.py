@@ -1,0 +1,342 @@
+"""`distgan generate`: images, grids and animations from a trained generator (the EMA weights, G_ema).
+
+    distgan generate --run runs/default --out grid.png                        64 images as one grid
+    distgan generate --run runs/default --num 1000 --out fakes                fakes/000000.png ... 000999.png
+    distgan generate --checkpoint runs/default/checkpoints/ckpt-000300032 --seed 7 --truncation 1.5 --out t.png
+    distgan generate --run runs/default --interpolate 6 --out walk.gif        a looping latent walk (or .mp4)
+    distgan generate --run runs/default --progress --out progress.mp4         the run's sample grids, by kimg
+
+--run takes the run dir's newest checkpoint that verifies; --checkpoint a checkpoint folder (verified too) or
+its generator.safetensors. Only that export is read: tensors and the model config, no pickle, no training state.
+
+Latents are a function of --seed alone: image i's latent is row i % 256 of block i // 256, each block drawn from
+its own generator seeded by (seed, block). The same seed gives the same latents for any --num (the first 16 of
+--num 64 are --num 16), any --batch and any device. --truncation T is BigGAN's truncation trick (Brock et al.
+2019) for a Gaussian latent: every entry with |z| > T is drawn again until it is inside, trading variety for
+typical images (smaller T: more typical, less varied). No truncation by default.
+
+--interpolate K walks through K latents and back to the first along great circles (spherical interpolation:
+a Gaussian latent's norm stays typical, a straight line would pass through improbably short latents), with
+--frames frames from one latent to the next: a seamless loop of K * frames frames. --num walks at once make
+each frame a grid. An .mp4 needs PyAV (`pip install av`, or distgan's `video` extra); a .gif needs only Pillow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from distgan.errors import CheckpointError, UserError
+
+BLOCK = 256  # latents per seeded block (see above); a constant, or a seed's images would change
+GRID_EXT = (".png", ".jpg", ".jpeg")
+ANIM_EXT = (".gif", ".mp4")
+
+
+class GenerateError(UserError):
+    """Bad arguments to `distgan generate`, or an output it cannot write."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2, like every distgan user error
+        raise GenerateError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="distgan generate", description="Images, grids and animations from a trained generator.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="a run dir: its newest verified checkpoint (and, for --progress, its samples)")
+    src.add_argument("--checkpoint", help="a checkpoint folder, or a generator.safetensors file")
+    p.add_argument("--out", required=True, help="a folder (one PNG per image), a .png/.jpg grid, or a .gif/.mp4")
+    p.add_argument("--num", type=int, help="images (default 64), or walks side by side with --interpolate (16)")
+    p.add_argument("--seed", type=int, default=0, help="latent seed (default 0): the same seed, the same latents")
+    p.add_argument("--truncation", type=float, help="redraw latent entries with |z| > T (T > 0; default: none)")
+    p.add_argument("--interpolate", type=int, metavar="K", help="a looping latent walk through K latents")
+    p.add_argument("--frames", type=int, default=24, help="--interpolate: frames from one latent to the next")
+    p.add_argument("--progress", action="store_true", help="animate the run's samples/fakes-*.png in kimg order")
+    p.add_argument("--fps", type=float, help="frames per second (default 24; 4 with --progress)")
+    p.add_argument("--batch", type=int, default=256, help="images per forward pass (default 256)")
+    p.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:N")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        try:
+            lines = run(args)
+        except OSError as e:  # an output that cannot be written (a file where a folder should be, no space, ...)
+            raise GenerateError(f"cannot write {e.filename or args.out}: {e.strerror or e}") from None
+        for line in lines:
+            print(line)
+    except UserError as e:
+        print(f"distgan generate: error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+def run(args) -> list[str]:
+    """Check the arguments, then write what they ask for; returns what was written, as lines to print."""
+    out = Path(args.out)
+    ext = out.suffix.lower()
+    check_args(args, ext)
+    if args.progress:
+        return write_progress(Path(args.run), out, args.fps or 4.0)
+
+    import torch
+
+    from distgan.export import load_generator
+
+    device = pick_device(args.device)
+    source = generator_path(args)
+    G = load_generator(source, device)
+    lines = [f"generator: {source} (G_ema at {G.nimg / 1000:.3f} kimg, z_dim {G.z_dim}) on {device}"]
+    with torch.no_grad():
+        if args.interpolate:
+            walks = args.num or 16
+            keys = latents(args.seed, 0, args.interpolate * walks, G.z_dim, args.truncation).view(
+                args.interpolate, walks, G.z_dim
+            )  # [K, walks, z_dim]
+            z = walk(keys, args.frames)  # [K * frames, walks, z_dim]
+            per = max(1, args.batch // walks)
+
+            def frames():  # a batch of frames at a time, kept as uint8 only
+                for start in range(0, len(z), per):
+                    part = render(G, z[start : start + per].flatten(0, 1), args.batch, device)
+                    yield from (to_frame(frame) for frame in part.unflatten(0, (-1, walks)))  # [walks, C, H, W]
+
+            write_animation(frames(), out, args.fps or 24.0)
+            return [*lines, f"wrote {out}: {len(z)} frames of {walks} walk(s) through {args.interpolate} latents"]
+        n = args.num or 64
+        if ext in GRID_EXT:
+            images = render(G, latents(args.seed, 0, n, G.z_dim, args.truncation), args.batch, device)
+            save_png(to_frame(images), out)
+            return [*lines, f"wrote {out}: a grid of {n} images (seed {args.seed})"]
+        out.mkdir(parents=True, exist_ok=True)
+        for start in range(0, n, args.batch):  # a batch at a time: any --num fits in memory
+            count = min(args.batch, n - start)
+            images = render(G, latents(args.seed, start, count, G.z_dim, args.truncation), args.batch, device)
+            for i, image in enumerate(images):
+                save_png(to_uint8(image), out / f"{start + i:06d}.png")
+        return [*lines, f"wrote {n} images to {out}/ (000000.png ... {n - 1:06d}.png, seed {args.seed})"]
+
+
+def check_args(args, ext: str) -> None:
+    if args.num is not None and args.num < 1:
+        raise GenerateError(f"--num {args.num}: must be at least 1")
+    if args.truncation is not None and not args.truncation > 0:
+        raise GenerateError(f"--truncation {args.truncation}: must be > 0 (entries with |z| > T are redrawn)")
+    if args.batch < 1:
+        raise GenerateError(f"--batch {args.batch}: must be at least 1")
+    if args.fps is not None and not args.fps > 0:
+        raise GenerateError(f"--fps {args.fps}: must be > 0")
+    if args.interpolate is not None and args.progress:
+        raise GenerateError("--interpolate and --progress make different animations: choose one")
+    if args.interpolate is not None and args.interpolate < 2:
+        raise GenerateError(f"--interpolate {args.interpolate}: a walk needs at least 2 latents")
+    if args.frames < 1:
+        raise GenerateError(f"--frames {args.frames}: must be at least 1")
+    animated = args.interpolate is not None or args.progress
+    if animated and ext not in ANIM_EXT:
+        raise GenerateError(f"--out {args.out}: an animation is written as .gif or .mp4")
+    if not animated and ext in ANIM_EXT:
+        raise GenerateError(f"--out {args.out}: an animation needs --interpolate K or --progress")
+    if args.progress and args.run is None:
+        raise GenerateError("--progress animates a run's sample grids: give --run RUN_DIR")
+
+
+def pick_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise GenerateError(f"--device {name}: not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GenerateError(f"--device {name}: no CUDA GPU on this machine")
+    return device
+
+
+def generator_path(args) -> Path:
+    """The generator export to load: from --run's newest verified checkpoint, or --checkpoint."""
+    from distgan.checkpoint import CheckpointManager, verify
+
+    if args.run is not None:
+        run_dir = Path(args.run)
+        if not run_dir.is_dir():
+            raise CheckpointError(f"--run {args.run}: no such run dir")
+        ckpt = CheckpointManager(run_dir, warn=_warn).latest()
+        if ckpt is None:
+            raise CheckpointError(f"--run {args.run}: no checkpoint in {run_dir / 'checkpoints'} verifies")
+        return ckpt / "generator.safetensors"
+    path = Path(args.checkpoint)
+    if path.is_dir():
+        problem = verify(path)
+        if problem:
+            raise CheckpointError(f"--checkpoint {path}: not a usable checkpoint ({problem})")
+        return path / "generator.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"--checkpoint {path}: no such file or folder")
+    return path
+
+
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------- latents
+
+
+def latents(seed: int, start: int, count: int, z_dim: int, truncation: float | None = None):
+    """Latents [count, z_dim] of images start .. start + count - 1 (see the module doc): on the CPU, float32."""
+    import torch
+
+    from distgan import rng
+
+    first, last = start // BLOCK, (start + count - 1) // BLOCK
+    blocks = []
+    for b in range(first, last + 1):
+        gen = rng.generator(seed, b)
+        z = torch.randn([BLOCK, z_dim], generator=gen)
+        if truncation is not None:  # redraw from the same generator: still a function of (seed, block)
+            outside = z.abs() > truncation
+            while outside.any():
+                z[outside] = torch.randn([int(outside.sum())], generator=gen)
+                outside = z.abs() > truncation
+        blocks.append(z)
+    return torch.cat(blocks)[start - first * BLOCK :][:count]
+
+
+def slerp(a, b, t: float):
+    """Spherical interpolation between latents a and b ([..., z_dim]) at t in [0, 1]."""
+    import torch
+
+    an, bn = a / a.norm(dim=-1, keepdim=True), b / b.norm(dim=-1, keepdim=True)
+    omega = torch.acos((an * bn).sum(-1, keepdim=True).clamp(-1, 1))  # [..., 1]
+    so = torch.sin(omega)
+    lerp = (1 - t) * a + t * b  # where a and b are (anti)parallel the great circle is not defined
+    return torch.where(so > 1e-6, (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / so, lerp)
+
+
+def walk(keys, frames: int):
+    """[K, walks, z_dim] latents -> [K * frames, walks, z_dim]: from each to the next, the last back to the first."""
+    import torch
+
+    nxt = keys.roll(-1, dims=0)
+    return torch.stack([slerp(keys[k], nxt[k], f / frames) for k in range(len(keys)) for f in range(frames)])
+
+
+# ---------------------------------------------------------------------- images
+
+
+def render(G, z, batch: int, device):
+    """G(z) in batches: [N, C, H, W] float in [-1, 1], on the CPU."""
+    import torch
+
+    return torch.cat([G(part.to(device)).float().cpu() for part in z.split(batch)])
+
+
+def to_uint8(image):
+    """One image [C, H, W] in [-1, 1] -> [H, W, C] uint8, rounded as torchvision's save_image rounds."""
+    import torch
+
+    x = (image.clamp(-1, 1) + 1) / 2
+    return x.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
+
+
+def to_frame(images):
+    """[N, C, H, W] in [-1, 1] -> [H, W, C] uint8: the image itself when N is 1, else a grid like the trainer's
+    sample grids (ceil(sqrt(N)) columns, 2-pixel black padding)."""
+    if len(images) == 1:
+        return to_uint8(images[0])
+    from torchvision.utils import make_grid
+
+    cols = max(1, math.ceil(math.sqrt(len(images))))
+    return to_uint8(make_grid(images.clamp(-1, 1), nrow=cols, padding=2, pad_value=-1))
+
+
+def save_png(array, path: Path) -> None:
+    from PIL import Image
+
+    arr = array.numpy()
+    Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(path)
+
+
+# ---------------------------------------------------------------------- animations
+
+
+def write_animation(frames, out: Path, fps: float) -> int:
+    """Frames ([H, W, C] uint8 tensors or arrays, one size) -> out (.gif with Pillow, .mp4 with PyAV)."""
+    import numpy as np
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    arrays = (np.asarray(f) for f in frames)
+    arrays = (np.repeat(a, 3, axis=2) if a.shape[-1] == 1 else a for a in arrays)  # grey -> RGB
+    if out.suffix.lower() == ".gif":
+        from PIL import Image
+
+        images = [Image.fromarray(a) for a in arrays]
+        duration = max(20, round(1000 / fps / 10) * 10)  # GIF counts in 1/100 s; browsers slow down below 20 ms
+        images[0].save(out, save_all=True, append_images=images[1:], duration=duration, loop=0)
+        return len(images)
+    return _write_mp4(arrays, out, fps)
+
+
+def _write_mp4(arrays, out: Path, fps: float) -> int:
+    from fractions import Fraction
+
+    import numpy as np
+
+    try:
+        import av
+    except ImportError:
+        raise GenerateError(f"--out {out}: an .mp4 needs PyAV: pip install av (or write a .gif)") from None
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    count = 0
+    with av.open(str(out), mode="w") as container:
+        stream = None
+        for a in arrays:
+            if stream is None:  # yuv420p needs even sizes: frames are padded with black to them
+                h, w = a.shape[0] + a.shape[0] % 2, a.shape[1] + a.shape[1] % 2
+                stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+                stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+            padded = np.zeros((h, w, 3), np.uint8)
+            padded[: a.shape[0], : a.shape[1]] = a
+            for packet in stream.encode(av.VideoFrame.from_ndarray(padded, format="rgb24")):
+                container.mux(packet)
+            count += 1
+        if stream is not None:
+            for packet in stream.encode():  # flush the encoder
+                container.mux(packet)
+    return count
+
+
+def write_progress(run_dir: Path, out: Path, fps: float) -> list[str]:
+    """The run's sample grids (G_ema on the fixed latents) in kimg order, each frame labelled with its kimg."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    grids = sorted((run_dir / "samples").glob("fakes-*.png"), key=lambda p: int(p.stem.split("-")[1]))
+    if not grids:
+        raise GenerateError(f"--run {run_dir}: no sample grids (samples/fakes-*.png) to animate")
+    size = Image.open(grids[0]).size
+
+    def frames():
+        for path in grids:
+            grid = Image.open(path).convert("RGB")
+            grid = grid if grid.size == size else grid.resize(size)  # (sample_num changed on a resume)
+            frame = Image.new("RGB", (size[0], size[1] + LABEL_H))
+            frame.paste(grid, (0, LABEL_H))
+            kimg = int(path.stem.split("-")[1]) / 1000
+            ImageDraw.Draw(frame).text((3, 1), f"{kimg:.{1 if kimg >= 10 else 3}f} kimg", fill=(255, 255, 255))
+            yield np.asarray(frame)
+
+    count = write_animation(frames(), out, fps)
+    return [f"wrote {out}: {count} sample grids from {grids[0].name} to {grids[-1].name}"]
+
+
+LABEL_H = 14  # pixels of the kimg label above each --progress frame
