@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from distgan import cli
 from distgan.tracking import NullTracker
 from distgan.train import summary_lines
 
@@ -21,8 +20,7 @@ def _outputs(run_dir, nimgs=(0, 64)):
     return ckpt
 
 
-def test_summary_with_metrics_trouble_and_next_commands(tmp_path, monkeypatch):
-    monkeypatch.setitem(cli.COMMANDS, "eval", ("distgan.evaluate", "metrics"))  # as if `distgan eval` exists
+def test_summary_with_metrics_trouble_and_next_commands(tmp_path):
     ckpt = _outputs(tmp_path)
     tracker = NullTracker()
     tracker.log({"Metrics/fid": 41.25, "Metrics/kid": 0.0123}, 0.032)
@@ -47,17 +45,17 @@ def test_summary_with_metrics_trouble_and_next_commands(tmp_path, monkeypatch):
     ]
 
 
-def test_summary_of_a_calm_run_and_of_one_without_checkpoints(tmp_path, monkeypatch):
-    monkeypatch.delitem(cli.COMMANDS, "eval", raising=False)
+def test_summary_of_a_calm_run_and_of_one_without_checkpoints(tmp_path):
     calm = SimpleNamespace(skips_total=0, rollbacks=0)
     ckpt = _outputs(tmp_path, nimgs=(0,))
     lines = summary_lines({"kimg": 0.064, "Loss/G/main": 0.7}, NullTracker(), calm, tmp_path, ckpt)
-    assert not any(line.startswith(("  metrics:", "  trouble:", "  W&B:", "  distgan eval")) for line in lines)
+    assert not any(line.startswith(("  metrics:", "  trouble:", "  W&B:")) for line in lines)
     assert lines[1] == f"  samples:     {tmp_path / 'samples' / 'fakes-000000000.png'}"
-    assert lines[-3:] == [
+    assert lines[-4:] == [
         "next:",
         f"  distgan generate --run {tmp_path} --num 64 --out {tmp_path / 'generated.png'}",
         f"  distgan generate --run {tmp_path} --progress --out {tmp_path / 'progress.gif'}",
+        f"  distgan eval --run {tmp_path}",
     ]
     # Nothing saved (no run dir outputs yet): no commands to suggest.
     empty = tmp_path / "empty"
