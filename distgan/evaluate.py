@@ -164,18 +164,6 @@ def make_evaluator(args, metrics, dist, cfg):
                      kid_subset_size=args.kid_subset_size, pr_k=args.pr_k)  # fmt: skip
 
 
-def checkpoint_generator(path: Path) -> Path:
-    """The generator export of a checkpoint folder (verified first), or `path` itself when it is the export."""
-    from distgan.checkpoint import verify
-
-    if path.is_file():
-        return path
-    problem = verify(path)
-    if problem:
-        raise CheckpointError(f"{path} is not a usable checkpoint ({problem})")
-    return path / "generator.safetensors"
-
-
 def evaluate_generator(ev, export: Path, dist, args, run_dir: Path | None, checkpoint: str, tracker=None) -> dict:
     """Generate, evaluate, report (rank 0: print, metrics.jsonl, tracker); returns the record."""
     from distgan.export import load_generator
@@ -219,6 +207,7 @@ def _report(record: dict, ev, what: str) -> None:
 
 def evaluate_once(args, metrics, dist) -> dict:
     from distgan.checkpoint import CheckpointManager
+    from distgan.export import checkpoint_export
 
     if args.fake:
         from distgan.metrics.sources import FolderSource
@@ -239,7 +228,7 @@ def evaluate_once(args, metrics, dist) -> dict:
     else:
         ckpt = Path(args.checkpoint)
         run_dir = ckpt.parent.parent if ckpt.is_dir() and ckpt.parent.name == "checkpoints" else None
-    export = checkpoint_generator(ckpt)
+    export = checkpoint_export(ckpt)
     cfg = run_config(run_dir) if run_dir is not None else None
     ev = make_evaluator(args, metrics, dist, cfg)
     tracker = open_tracker(args, cfg, ckpt, run_dir) if dist.is_main and run_dir is not None else None
@@ -281,6 +270,7 @@ def open_tracker(args, cfg, ckpt: Path, run_dir: Path):
 def watch(args, metrics, dist) -> None:
     """Evaluate every new checkpoint of RUN_DIR until the run is finished (see the module doc)."""
     from distgan.checkpoint import CheckpointManager, verify
+    from distgan.export import checkpoint_export
 
     run_dir = Path(args.watch)
     ckpts = CheckpointManager(run_dir)
@@ -315,7 +305,7 @@ def watch(args, metrics, dist) -> None:
                 if tracker is None and dist.is_main:
                     tracker = open_tracker(args, run_config(run_dir), ckpt, run_dir) or False
                 try:
-                    export = checkpoint_generator(ckpt)
+                    export = checkpoint_export(ckpt)
                     evaluate_generator(ev, export, dist, args, run_dir, name, tracker or None)
                 except CheckpointError as e:  # purged (train.keep_ckpts) between the look and the read
                     if dist.is_main:

@@ -27,6 +27,22 @@ def generator_bytes(module: torch.nn.Module, model_cfg: dict, nimg: int) -> byte
     return save(tensors, metadata=metadata)
 
 
+def checkpoint_export(path: Path, what: str = "") -> Path:
+    """The export to load for `path`: a checkpoint folder's generator.safetensors (the folder verified first:
+    marker, manifest, every hash), or `path` itself when it is an export file. `what` prefixes the errors."""
+    from distgan.checkpoint import verify
+    from distgan.errors import CheckpointError
+
+    if path.is_dir():
+        problem = verify(path)
+        if problem:
+            raise CheckpointError(f"{what}{path}: not a usable checkpoint ({problem})")
+        return path / "generator.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{what}{path}: no such file or folder")
+    return path
+
+
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Rebuild the generator from an export; returned in eval mode, with `z_dim` and `nimg` attributes."""
     from safetensors import safe_open

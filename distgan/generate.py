@@ -163,7 +163,8 @@ def pick_device(name: str):
 
 def generator_path(args) -> Path:
     """The generator export to load: from --run's newest verified checkpoint, or --checkpoint."""
-    from distgan.checkpoint import CheckpointManager, verify
+    from distgan.checkpoint import CheckpointManager
+    from distgan.export import checkpoint_export
 
     if args.run is not None:
         run_dir = Path(args.run)
@@ -173,15 +174,7 @@ def generator_path(args) -> Path:
         if ckpt is None:
             raise CheckpointError(f"--run {args.run}: no checkpoint in {run_dir / 'checkpoints'} verifies")
         return ckpt / "generator.safetensors"
-    path = Path(args.checkpoint)
-    if path.is_dir():
-        problem = verify(path)
-        if problem:
-            raise CheckpointError(f"--checkpoint {path}: not a usable checkpoint ({problem})")
-        return path / "generator.safetensors"
-    if not path.is_file():
-        raise CheckpointError(f"--checkpoint {path}: no such file or folder")
-    return path
+    return checkpoint_export(Path(args.checkpoint), "--checkpoint ")
 
 
 def _warn(msg: str) -> None:
@@ -193,22 +186,9 @@ def _warn(msg: str) -> None:
 
 def latents(seed: int, start: int, count: int, z_dim: int, truncation: float | None = None):
     """Latents [count, z_dim] of images start .. start + count - 1 (see the module doc): on the CPU, float32."""
-    import torch
-
     from distgan import rng
 
-    first, last = start // BLOCK, (start + count - 1) // BLOCK
-    blocks = []
-    for b in range(first, last + 1):
-        gen = rng.generator(seed, b)
-        z = torch.randn([BLOCK, z_dim], generator=gen)
-        if truncation is not None:  # redraw from the same generator: still a function of (seed, block)
-            outside = z.abs() > truncation
-            while outside.any():
-                z[outside] = torch.randn([int(outside.sum())], generator=gen)
-                outside = z.abs() > truncation
-        blocks.append(z)
-    return torch.cat(blocks)[start - first * BLOCK :][:count]
+    return rng.block_latents(range(start, start + count), z_dim, seed, block=BLOCK, truncation=truncation)
 
 
 def slerp(a, b, t: float):

@@ -22,6 +22,27 @@ def generator(*parts: int, device: torch.device | str = "cpu") -> torch.Generato
     return torch.Generator(device=device).manual_seed(derive_seed(*parts))
 
 
+def block_latents(indices, z_dim: int, *seed: int, block: int, truncation: float | None = None) -> torch.Tensor:
+    """Latents of global image indices, [len(indices), z_dim] float32 on the CPU: latent i is row i % block of a
+    block drawn from (*seed, i // block), so it depends on i alone, never on how many are drawn, in what batches
+    or on which rank (`distgan generate`, evaluation). `block` is part of the definition: changing it changes
+    every latent. truncation: BigGAN's trick, entries with |z| > T drawn again from the same block's generator.
+    """
+    idx = np.asarray(indices, dtype=np.int64)
+    z = torch.empty([len(idx), z_dim])
+    for b in np.unique(idx // block).tolist():
+        gen = generator(*seed, b)
+        rows = torch.randn([block, z_dim], generator=gen)
+        if truncation is not None:
+            outside = rows.abs() > truncation
+            while outside.any():
+                rows[outside] = torch.randn([int(outside.sum())], generator=gen)
+                outside = rows.abs() > truncation
+        mine = np.nonzero(idx // block == b)[0]
+        z[torch.from_numpy(mine)] = rows[torch.from_numpy(idx[mine] % block)]
+    return z
+
+
 def get_state(device: torch.device | None = None) -> dict:
     """This process's global RNG states (torch CPU and CUDA, Python, NumPy), as checkpoint-safe plain values.
 

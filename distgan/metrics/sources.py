@@ -193,13 +193,7 @@ class GeneratorSource:
 
     def latents(self, indices: np.ndarray) -> torch.Tensor:
         """z for the global indices: [len(indices), z_dim]."""
-        idx = np.asarray(indices)
-        z = torch.empty([len(idx), self.z_dim])
-        for b in np.unique(idx // LATENT_BLOCK).tolist():
-            block = torch.randn([LATENT_BLOCK, self.z_dim], generator=rng.generator(self.seed, _EVAL, b))
-            rows = np.nonzero(idx // LATENT_BLOCK == b)[0]
-            z[torch.from_numpy(rows)] = block[torch.from_numpy(idx[rows] % LATENT_BLOCK)]
-        return z
+        return rng.block_latents(indices, self.z_dim, self.seed, _EVAL, block=LATENT_BLOCK)
 
     @torch.no_grad()
     def images(self, indices: np.ndarray, batch: int) -> Iterator[torch.Tensor]:
