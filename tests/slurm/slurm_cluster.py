@@ -258,6 +258,14 @@ class Cluster:
         """`scontrol show job -o` as a dict (JobState, Restarts, ExitCode, StdOut, ...)."""
         return dict(re.findall(r"(\w+)=(\S*)", self.scontrol("show", "job", "-o", str(job_id))))
 
+    def start_now(self, job_id: int | str) -> None:
+        """Lift the hold SLURM puts on a requeued job (`StartTime=now`). The scheduler may start the job between
+        the caller's look at its state and this update ("Job is no longer pending execution"): that is the wanted
+        outcome, not an error; any other failure, or one while the job is still pending, is."""
+        p = self._scontrol("update", f"JobId={job_id}", "StartTime=now")
+        if p.returncode != 0 and self.job(job_id)["JobState"] == "PENDING":
+            raise RuntimeError(f"scontrol update JobId={job_id} StartTime=now failed: {p.stderr.strip()}")
+
     def _node_idle(self, name: str) -> bool:
         p = self._scontrol("show", "node", "-o", name)
         return p.returncode == 0 and bool(re.search(r"State=IDLE\b", p.stdout))

@@ -275,7 +275,7 @@ def preempt(cluster, job: int, cwd: Path, run_dir: Path) -> dict:
     # SLURM holds a requeued job ~120 s unless told to start it now (at least 3 s after the requeue).
     while cluster.job(job)["JobState"] == "PENDING":
         if time.time() - requeued > 3:
-            cluster.scontrol("update", f"JobId={job}", "StartTime=now")
+            cluster.start_now(job)
         time.sleep(1)
     info = wait_job(cluster, job, cwd)
     log = job_log(cwd, job)
