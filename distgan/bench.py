@@ -7,8 +7,10 @@
 Part 1, framework cost: distgan's training step (Trainer.train_step with its data draw, phases, EMA and stats)
 against a plain eager PyTorch loop of the same networks, batch and optimizer hyper-parameters, written the way
 pytorch/examples/dcgan writes it. The two alternate in rounds (framework, plain, framework, plain, ...) and each
-reports its median; "step memory" is the peak during a segment above the memory in use when it started
-(activations and temporaries; the weights of both live in the process throughout). Target: ratio >= 1.0.
+reports its median. Both train on the same in-memory images (bench_scale.bench_images: a step does not depend
+on what the images show, so measuring needs neither the default config's shards nor MNIST). "Step memory" is
+the peak during a segment above the memory in use when it started (activations and temporaries; the weights of
+both live in the process throughout). Target: ratio >= 1.0.
 
 Part 2, scaling: img/s of 2 processes with 1 thread each against 1 process with 1 thread (gloo on CPU, NCCL on
 GPUs), each process keeping the per-process batch of part 1 (weak scaling: 2 processes train on twice the
@@ -111,10 +113,10 @@ def bench_framework(cfg, steps: int, warmup: int, repeats: int, threads: int) ->
 
 def make_steppers(cfg, dist, names=("distgan", "plain")) -> dict:
     """{"distgan": one Trainer step, "plain": one textbook step}, on the same data and device."""
-    from distgan.data import ArrayStream, load_images
+    from distgan.data import ArrayStream
     from distgan.trainer import Trainer
 
-    images = load_images(cfg)
+    images = bench_scale.bench_images(cfg)
     out = {}
     for name in names:
         if name == "distgan":
@@ -241,7 +243,7 @@ def bench_scaling(cfg, steps: int, warmup: int, repeats: int) -> bool:
 def _scaling_child(rank, world, cfg, per_rank, steps, warmup, together: bool) -> float:
     """img/s of this process's group (together) or of this process alone, with `per_rank` images per process."""
     from distgan import distributed
-    from distgan.data import ArrayStream, load_images
+    from distgan.data import ArrayStream
     from distgan.trainer import Trainer
 
     if not together:  # a world of one: the same work, no communication
@@ -250,7 +252,9 @@ def _scaling_child(rank, world, cfg, per_rank, steps, warmup, together: bool) ->
         rank, world = 0, 1
     cfg.train.batch = per_rank * world
     dist = distributed.setup(cfg.train.precision, threads=1)
-    trainer = Trainer(cfg, dist, ArrayStream(load_images(cfg), cfg.train.batch, rank, world, cfg.train.seed))
+    trainer = Trainer(
+        cfg, dist, ArrayStream(bench_scale.bench_images(cfg), cfg.train.batch, rank, world, cfg.train.seed)
+    )
     for _ in range(warmup):
         trainer.train_step(*trainer.draw())
     dist.barrier()

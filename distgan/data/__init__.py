@@ -32,8 +32,11 @@ def make_stream(cfg, rank: int, world_size: int):
 
 
 def load_images(cfg) -> np.ndarray:
-    """All images of `cfg.data` at `cfg.model.resolution`: uint8 [N, C, res, res]."""
+    """All images of `cfg.data` at `cfg.model.resolution`: uint8 [N, C, res, res]. Built-in and torchvision
+    datasets only: shards are streamed (make_stream), never loaded whole."""
     data, res = cfg.data, cfg.model.resolution
+    if data.source not in ("shapes", *TORCHVISION_DATASETS):
+        raise ValueError(f"data.source={data.source} is not an in-memory dataset; stream it with make_stream")
     if data.source == "shapes":
         from distgan.data import shapes
 
