@@ -306,8 +306,8 @@ def _allreduce_child(rank, world, sizes: list[int], reps: int, rounds: int) -> l
 def add_parser(sub) -> None:
     s = sub.add_parser("scale", help="1 vs 2 ranks measured, a communication model checked on them, 8-512 GPUs")
     s.add_argument("--config", action="append", help=f"repeatable (default: {' and '.join(DEFAULT_CONFIGS)})")
-    s.add_argument("--seconds", type=float, default=6.0, help=f"timed seconds per run ({SEGMENTS} segments)")
-    s.add_argument("--warmup", type=int, default=2, help="untimed steps before each segment")
+    s.add_argument("--seconds", type=float, default=10.0, help=f"timed seconds per run ({SEGMENTS} segments)")
+    s.add_argument("--warmup", type=int, default=10, help="untimed steps before the first segment")
     s.add_argument("--repeats", type=int, default=3, help="alternating rounds of 1 rank, 2 ranks, 2 alone")
     s.add_argument("--model-only", action="store_true", help="skip the measurements; predictions only")
     s.add_argument("--gpu-tflops", type=float, default=100.0, help="achieved TFLOP/s of one GPU on these convs")
