@@ -26,23 +26,8 @@
 #   TORCHRUN_ARGS   more torchrun options, e.g. "--log_dir logs"
 set -euo pipefail
 
-# GPUs this process may use: CUDA_VISIBLE_DEVICES when set (empty, or starting with -1, hides them all), else
-# what nvidia-smi lists. Counted without importing torch, which would cost seconds before the launch.
-gpu_count() {
-    if [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then
-        if [[ -z "$CUDA_VISIBLE_DEVICES" || "$CUDA_VISIBLE_DEVICES" == -1* ]]; then
-            echo 0
-        else
-            local ids
-            IFS=, read -ra ids <<<"$CUDA_VISIBLE_DEVICES"
-            echo "${#ids[@]}"
-        fi
-    elif command -v nvidia-smi >/dev/null 2>&1; then
-        nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true
-    else
-        echo 0
-    fi
-}
+# shellcheck source=launch/gpus.sh
+source "$(dirname "${BASH_SOURCE[0]}")/gpus.sh"
 
 fail() {
     echo "launch/torchrun.sh: error: $*" >&2
@@ -55,7 +40,7 @@ nnodes=${NNODES:-1}
 if [[ -n "${NPROC_PER_NODE:-}" ]]; then
     nproc=$NPROC_PER_NODE
 else
-    nproc=$(gpu_count)
+    nproc=$(visible_gpus)
     [[ "$nproc" -gt 0 ]] || nproc=${CPU_PROCS:-2}
 fi
 [[ "$nproc" =~ ^[1-9][0-9]*$ ]] || fail "NPROC_PER_NODE=$nproc is not a positive integer"

@@ -115,19 +115,15 @@ fi
 nnodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
 launchers=${SLURM_NTASKS:-$nnodes}
 
-gpus_on_node() {  # the GPUs this job has on this node, from the first source that says
-    local devices
+# shellcheck source=launch/gpus.sh
+source "$repo/launch/gpus.sh"
+gpus_on_node() {  # the GPUs this job has on this node: what SLURM says, else what is visible
     if [[ -n ${SLURM_GPUS_ON_NODE:-} ]]; then
         echo "$SLURM_GPUS_ON_NODE"
     elif [[ -n ${SLURM_GPUS_PER_NODE:-} ]]; then
         echo "${SLURM_GPUS_PER_NODE##*:}"  # "4", "a100:4" or "gpu:a100:4"
-    elif [[ -n ${CUDA_VISIBLE_DEVICES:-} && $CUDA_VISIBLE_DEVICES != NoDevFiles ]]; then
-        IFS=, read -ra devices <<<"$CUDA_VISIBLE_DEVICES"
-        echo "${#devices[@]}"
-    elif command -v nvidia-smi >/dev/null 2>&1; then
-        nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
     else
-        echo 0
+        visible_gpus
     fi
 }
 gpus=$(gpus_on_node)

@@ -109,9 +109,11 @@ def test_config_loads_through_accelerates_own_loader(name):
         assert cfg.main_process_port == 0  # a free port: two jobs on one machine do not collide
 
 
+# Each process writes its own file: lines two processes print to one pipe can interleave.
 PROBE = """import json, os
 keys = [k for k in os.environ if k.startswith("ACCELERATE_") or k in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")]
-print("PROBE " + json.dumps({k: os.environ[k] for k in keys}), flush=True)
+with open(f"probe-{os.environ['RANK']}.json", "w") as f:
+    json.dump({k: os.environ[k] for k in keys}, f)
 """
 
 
@@ -124,12 +126,12 @@ def test_deepspeed_config_launches_two_processes_with_what_strategy_auto_reads(t
     require(importlib.util.find_spec("deepspeed") is not None, "deepspeed is not installed (accelerate needs it)")
     stage = 2
     (tmp_path / "probe.py").write_text(PROBE)
-    out = run(
+    run(
         [str(BIN / "accelerate"), "launch", "--config_file", str(CONFIGS / f"zero{stage}_bf16.yaml"),
          "--num_processes", "2", "probe.py"],
         tmp_path,
     )  # fmt: skip
-    seen = [json.loads(line.split(" ", 1)[1]) for line in out.splitlines() if line.startswith("PROBE ")]
+    seen = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("probe-*.json"))]
     assert sorted(e["RANK"] for e in seen) == ["0", "1"]
     for e in seen:
         assert e["WORLD_SIZE"] == "2" and e["LOCAL_WORLD_SIZE"] == "2"
