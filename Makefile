@@ -3,6 +3,7 @@
 #   make test    set up if needed, then run the whole test suite (what CI runs)
 #   make lint    ruff
 #   make bench   the training-step benchmark (figures, not a pass/fail test)
+#   make gpu-check  on a machine with a GPU: what only a GPU can show, in a few minutes, one table
 
 PYTHON  ?= python3
 VENV    := .venv
@@ -16,7 +17,7 @@ CONFIG  ?= configs/default.yaml
 RUN_DIR ?=
 STAMP   := $(VENV)/.installed
 
-.PHONY: install train test lint bench clean
+.PHONY: install train test lint bench gpu-check clean
 
 install: $(STAMP)
 
@@ -45,6 +46,9 @@ lint: install
 
 bench: install
 	$(VENV)/bin/distgan bench train --config $(CONFIG)
+
+gpu-check: install
+	$(VENV)/bin/distgan gpu-check
 
 clean:
 	rm -rf $(VENV) build *.egg-info

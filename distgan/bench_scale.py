@@ -7,7 +7,7 @@
 
 The model (docs/scaling.md explains it in full):
 
-  one step on N ranks = compute + exposed(D's all-reduce) + exposed(G's all-reduce)
+  one step on N ranks = compute + exposed(D's all-reduce) + exposed(G's all-reduce) + exposed(stop agreement)
 
 D and G all-reduce their gradients once per step each, one after the other (D_main, then G_main: the
 alternating updates cannot share one). DDP cuts a network's gradients into buckets (the first 1 MiB, then
@@ -25,6 +25,16 @@ each run keeps its best timed segment, the one other jobs on a shared machine di
 predicts (d) from (c) and the compute of (a), and of '2 alone'; the second is the check, held to TOLERANCE
 (two processes on two shared cores slow each other's compute, which ranks on GPUs of their own do not).
 
+Batches. train.batch is the global batch. Weak scaling (each GPU keeps the config's batch B) is train.batch = B x N;
+the config unchanged on N GPUs is strong scaling (B/N per GPU: the FLOPs shrink, the kernel launches and the
+gradient bytes do not). With train.batch_per_gpu smaller than a GPU's share, a step runs k micro-batches and only
+the last one's backward all-reduces (DDP no_sync): compute k-fold, communication unchanged, overlap only behind
+the last backward. The profile measures the config's batch in one forward (train.batch_per_gpu=0).
+
+Stop signals (distgan/watchdog.py): the ranks agree on stop flags with one small all-reduce on the gloo control
+group about every AGREE_EVERY_S, started at one step boundary and waited for `every` steps later. Over TCP it
+takes 2(N-1) hops in a row (TCP_HOP_S each, an assumption); it shows only where it outlasts the steps it overlaps.
+
 ZeRO-1/2 (the DeepSpeed configs) is modelled as a reduce-scatter plus an all-gather per network, in fp32: distgan
 runs DeepSpeed in its torch_autocast mode, so even in bf16 parameters and gradients stay fp32, as under DDP.
 
@@ -40,6 +50,7 @@ import os
 import statistics
 import sys
 from dataclasses import dataclass
+from typing import NamedTuple
 
 DEFAULT_CONFIGS = ("configs/default.yaml", "configs/dcgan_mnist.yaml")
 SCALES = (8, 64, 512)
@@ -52,6 +63,14 @@ BUCKET_BYTES = 25 << 20
 
 # Sizes for fitting gloo's latency and bandwidth, next to the configs' own bucket sizes.
 FIT_BYTES = (4 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20)
+
+# The stop-signal agreement of distgan/watchdog.py (the same values there; a test checks): target seconds between
+# two agreements, and the most steps between them.
+AGREE_EVERY_S = 0.25
+MAX_EVERY = 10_000
+# Assumed latency of one gloo hop over TCP between two hosts (kernel TCP stack, a switch or two, gloo's own work);
+# `--tcp-hop-us` replaces it.
+TCP_HOP_S = 50e-6
 
 
 # ====================================================================== the model (pure functions)
@@ -159,10 +178,34 @@ def ddp_step_s(compute_s: float, nets: list[tuple[list[int], float]], n: int, f:
     return compute_s + sum(exposed_s([allreduce_s(b, n, f) for b in buckets], bwd) for buckets, bwd in nets)
 
 
-def zero_step_s(compute_s: float, grad_bytes: list[int], n: int, f: Fabric) -> float:
-    """Step time on n ranks under DeepSpeed ZeRO-1/2: per network a reduce-scatter of the gradients and an
-    all-gather of the updated weights (the same bytes as one all-reduce, in two collectives), not overlapped."""
-    return compute_s + sum(2 * half_ring_s(s, n, f) for s in grad_bytes)
+def zero_step_s(compute_s: float, grad_bytes: list[int], n: int, f: Fabric, reduces: int = 1) -> float:
+    """Step time on n ranks under DeepSpeed ZeRO-1/2: per network `reduces` reduce-scatters of the gradients and one
+    all-gather of the updated weights (with one reduce: the same bytes as one all-reduce, in two collectives), not
+    overlapped. With k micro-batches ZeRO-1 reduces once per step (at the accumulation boundary), ZeRO-2 k times
+    (DeepSpeed's engine: "ZeRO stage >= 2 communicates during non gradient accumulation boundaries as well")."""
+    return compute_s + sum((reduces + 1) * half_ring_s(s, n, f) for s in grad_bytes)
+
+
+def agreement_s(n: int, hop_s: float = TCP_HOP_S) -> float:
+    """One stop-signal agreement on n ranks: a gloo ring all-reduce of 3 integers, 2(n-1) TCP hops in a row."""
+    return 2 * (n - 1) * hop_s if n > 1 else 0.0
+
+
+def agreement_every(step_s: float, interval_s: float = AGREE_EVERY_S) -> int:
+    """Steps from one agreement to the next, as watchdog.StopSignals derives them from the (slowest) step time."""
+    return int(min(MAX_EVERY, max(1, math.ceil(interval_s / step_s))))
+
+
+def stop_exposed_s(n: int, step_s: float, hop_s: float = TCP_HOP_S, interval_s: float = AGREE_EVERY_S) -> float:
+    """What the stop agreement adds to a step of step_s seconds: it starts at one step boundary and is waited for
+    `every` steps later, so only what outlasts those steps shows, once per `every` steps."""
+    every = agreement_every(step_s, interval_s)
+    return max(0.0, agreement_s(n, hop_s) - every * step_s) / every
+
+
+def agreement_limit(hop_s: float = TCP_HOP_S, interval_s: float = AGREE_EVERY_S) -> float:
+    """Ranks at which one agreement takes the whole interval between two (beyond it, it shows in the steps)."""
+    return 1 + interval_s / (2 * hop_s)
 
 
 def gpu_step_s(flops: float, ops: int, tflops: float, op_us: float) -> float:
@@ -177,6 +220,73 @@ def fit_latency_bandwidth(nbytes: list[float], seconds: list[float]) -> tuple[fl
     var = sum((s - mean_s) ** 2 for s in nbytes)
     b = sum((s - mean_s) * (t - mean_t) for s, t in zip(nbytes, seconds)) / var
     return mean_t - b * mean_s, 1 / b
+
+
+class Point(NamedTuple):
+    """One step on N GPUs, as the model sees it."""
+
+    efficiency: float  # compute / step: img/s per GPU on N GPUs over 1 GPU doing the same work per step
+    comm_s: float  # exposed collectives per step
+    stop_s: float  # exposed stop-signal agreement per step
+    step_s: float  # the whole step
+
+
+STRATEGIES = ("ddp", "zero1", "zero2")
+
+
+def grad_bytes(prof, net: str) -> list[int]:
+    """fp32 gradient bytes of a network's parameters, in the order their gradients become ready."""
+    return [4 * p for p in prof[f"{net}_params"]]
+
+
+def scaled_step(prof, micro_s: float, n: int, f: Fabric, strategy: str = "ddp", accum: int = 1,
+                hop_s: float = TCP_HOP_S) -> Point:  # fmt: skip
+    """A step of `accum` micro-batches of micro_s seconds of compute each, on n GPUs under `strategy` (ddp, zero1,
+    zero2). Only the last micro-batch reduces (DDP's no_sync; ZeRO-1 at the accumulation boundary; ZeRO-2 every
+    one, see zero_step_s), so DDP's early buckets hide behind the last micro-batch's backward only. A backward
+    takes its phase's share of the FLOPs of micro_s."""
+    compute = accum * micro_s
+    if strategy == "ddp":
+        share = {net: prof["bwd_flops"][net] / prof["step_flops"] for net in ("D", "G")}
+        nets = [(ddp_buckets(grad_bytes(prof, net)), micro_s * share[net]) for net in ("D", "G")]
+        step = ddp_step_s(compute, nets, n, f)
+    else:
+        sizes = [sum(grad_bytes(prof, net)) for net in ("D", "G")]
+        step = zero_step_s(compute, sizes, n, f, reduces=accum if strategy == "zero2" else 1)
+    stop = stop_exposed_s(n, step, hop_s)
+    return Point(compute / (step + stop), step - compute, stop, step + stop)
+
+
+def efficiencies(prof, step_s: float, f: Fabric, hop_s: float = TCP_HOP_S) -> dict[str, list[Point]]:
+    """Weak scaling, {strategy: [Point at each of SCALES]}: every GPU runs the profiled batch in step_s seconds.
+    (One micro-batch: ZeRO-1 and ZeRO-2 communicate alike.)"""
+    return {
+        "ddp": [scaled_step(prof, step_s, n, f, "ddp", 1, hop_s) for n in SCALES],
+        "zero1/2": [scaled_step(prof, step_s, n, f, "zero1", 1, hop_s) for n in SCALES],
+    }
+
+
+class Strong(NamedTuple):
+    per_gpu: int  # images per GPU and step
+    step_s: float  # the step on N GPUs
+    speedup: float  # img/s on N GPUs over img/s on 1 GPU with the whole batch
+    efficiency: float  # speedup / N
+
+
+def strong_scaling(prof, batch: int, arith_s: float, launch_s: float, f: Fabric,
+                   hop_s: float = TCP_HOP_S) -> list[Strong | None]:  # fmt: skip
+    """DDP with the config unchanged: `batch` images per step split over N GPUs, at each of SCALES (None where N
+    does not divide the batch). A GPU's step at 1/N of the batch is max(arith_s / N, launch_s): the arithmetic
+    (arith_s for the whole batch) shrinks with its share, the kernel launches and the gradient bytes do not."""
+    one = max(arith_s, launch_s)
+    out: list[Strong | None] = []
+    for n in SCALES:
+        if batch % n:
+            out.append(None)
+            continue
+        p = scaled_step(prof, max(arith_s / n, launch_s), n, f, "ddp", 1, hop_s)
+        out.append(Strong(batch // n, p.step_s, one / p.step_s, one / p.step_s / n))
+    return out
 
 
 # ====================================================================== measurements (child processes)
@@ -201,7 +311,6 @@ def _profile_child(rank, world, cfg, images) -> dict:
 
     from distgan import distributed
     from distgan.bench import timed
-    from distgan.data import ArrayStream
     from distgan.models import build_discriminator, build_generator
     from distgan.trainer import Trainer
 
@@ -217,7 +326,7 @@ def _profile_child(rank, world, cfg, images) -> dict:
             return func(*args, **(kwargs or {}))
 
     dist = distributed.setup("fp32", threads=1)
-    trainer = Trainer(cfg, dist, ArrayStream(images, cfg.train.batch, 0, 1, cfg.train.seed))
+    trainer = Trainer(cfg, dist, _stream(images, cfg, 0, 1, dist.device))
     for _ in range(2):  # first steps allocate optimizer state: not what a step costs
         trainer.train_step(*trainer.draw())
     step_s = timed(lambda: trainer.train_step(*trainer.draw()), 2, dist.device)  # to size the timed segments
@@ -243,6 +352,7 @@ def _profile_child(rank, world, cfg, images) -> dict:
         return [p.numel() for p in module.parameters()][::-1]
 
     return {
+        "batch": b,
         "G_params": ready_order(G),
         "D_params": ready_order(D),
         "step_s": step_s,
@@ -258,7 +368,6 @@ def _segments_child(rank, world, cfg, per_rank, steps, segments, warmup, togethe
     the one the other jobs of a shared machine disturbed least."""
     from distgan import distributed
     from distgan.bench import timed
-    from distgan.data import ArrayStream
     from distgan.trainer import Trainer
 
     if not together:  # a world of one: the same work, no communication
@@ -267,7 +376,7 @@ def _segments_child(rank, world, cfg, per_rank, steps, segments, warmup, togethe
         rank, world = 0, 1
     cfg.train.batch = per_rank * world
     dist = distributed.setup(cfg.train.precision, threads=1)
-    trainer = Trainer(cfg, dist, ArrayStream(images, cfg.train.batch, rank, world, cfg.train.seed))
+    trainer = Trainer(cfg, dist, _stream(images, cfg, rank, world, dist.device))
     for _ in range(warmup):
         trainer.train_step(*trainer.draw())
     rates = []
@@ -279,6 +388,15 @@ def _segments_child(rank, world, cfg, per_rank, steps, segments, warmup, togethe
     return rates
 
 
+def _stream(images, cfg, rank: int, world: int, device):
+    """The batches as training gets them: on CUDA pinned, and copied to the device a step ahead (train.py)."""
+    from distgan.data import ArrayStream
+    from distgan.data.prefetch import Prefetcher
+
+    pin = device.type == "cuda"
+    return Prefetcher(ArrayStream(images, cfg.train.batch, rank, world, cfg.train.seed, pin_memory=pin), device)
+
+
 def _allreduce_child(rank, world, sizes: list[int], reps: int, rounds: int) -> list[float]:
     """Seconds of one fp32 all-reduce per size, sizes alternating in rounds; the best round (least disturbed by
     other jobs), as for the steps."""
@@ -288,7 +406,9 @@ def _allreduce_child(rank, world, sizes: list[int], reps: int, rounds: int) -> l
     from distgan.bench import timed
 
     dist = distributed.setup("fp32", threads=1)
-    tensors = [torch.ones(s // 4) for s in sizes]
+    # On the default group's device, where DDP's buckets are (the GPU under NCCL): a host tensor would time a copy
+    # to the device and back with every all-reduce. (The barriers below run on the gloo control group.)
+    tensors = [torch.ones(s // 4, device=dist.group_device) for s in sizes]
     for t in tensors:  # connect and warm every size once
         dist.all_reduce_sum(t)
     times: list[list[float]] = [[] for _ in sizes]
@@ -313,6 +433,8 @@ def add_parser(sub) -> None:
     s.add_argument("--gpu-tflops", type=float, default=100.0, help="achieved TFLOP/s of one GPU on these convs")
     s.add_argument("--gpu-op-us", type=float, default=6.0, help="host time per aten op of an eager GPU step (us)")
     s.add_argument("--gpu-step-ms", type=float, help="GPU step time per config; overrides the two above")
+    s.add_argument("--tcp-hop-us", type=float, default=TCP_HOP_S * 1e6,
+                   help="latency of one gloo TCP hop between hosts (the stop-signal agreement), us")  # fmt: skip
     tolerance = f"{TOLERANCE * 100:.0f}%%"  # argparse formats help with %
     s.add_argument("--check", action="store_true", help=f"exit 1 when a 2-rank prediction is off by > {tolerance}")
 
@@ -324,8 +446,10 @@ def run(args) -> int:
 
     paths = args.config or list(DEFAULT_CONFIGS)
     try:
-        # Only the model and batch matter; in-memory data keeps MNIST (or shards) out of the measurement.
-        cfgs = [load_config(p, ["data.source=shapes", "data.num_images=2048"]) for p in paths]
+        # Only the model and batch matter; in-memory data keeps MNIST (or shards) out of the measurement. The
+        # config's train.batch is one GPU's batch here (weak scaling), run in one forward.
+        overrides = ["data.source=shapes", "data.num_images=2048", "train.batch_per_gpu=0"]
+        cfgs = [load_config(p, overrides) for p in paths]
     except UserError as e:
         print(f"distgan: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -352,7 +476,7 @@ def report_config(path, cfg, prof, images, args) -> bool:
     b, res = cfg.train.batch, cfg.model.resolution
     grads = {net: [4 * n for n in prof[f"{net}_params"]] for net in ("D", "G")}  # fp32 gradients, ready order
     buckets = {net: ddp_buckets(g) for net, g in grads.items()}
-    print(f"\n{path}: batch {b} per rank, {res}x{res}x{cfg.model.channels}")
+    print(f"\n{path}: batch {b} per rank (one forward), {res}x{res}x{cfg.model.channels}")
     for net in ("G", "D"):
         n = sum(prof[f"{net}_params"])
         print(
@@ -465,61 +589,119 @@ def _has_deepspeed() -> bool:
 
 
 def predict(rows, args) -> None:
-    """Weak-scaling efficiency at SCALES GPUs for each config, under DDP and ZeRO-1/2."""
-    f = H100_IB
-    print(f"\npredicted weak-scaling efficiency (img/s per GPU at N / at 1 GPU; per-GPU batch = the config's)\n"
-          f"  fabric: {f.name}")  # fmt: skip
+    """Efficiency at SCALES GPUs for each config: weak scaling (train.batch = B x N) under DDP and ZeRO-1/2, the
+    stop-signal agreement, strong scaling (the config unchanged) and gradient accumulation."""
+    f, hop, big = H100_IB, args.tcp_hop_us * 1e-6, SCALES[-1]
+    head = "".join(f"{n:>9}" for n in SCALES)
+    print("\npredicted weak scaling: each GPU keeps the config's batch B, i.e. train.batch = B x N")
+    for path, prof in rows:
+        b = prof["batch"]
+        print(f"  {path}: train.batch=" + " / ".join(str(b * n) for n in SCALES) + f" on {_gpus()} GPUs ({b} per GPU)")
+    print("  efficiency: img/s per GPU on N GPUs / on 1 GPU (what the step's exposed communication and stop "
+          f"agreement cost)\n  fabric: {f.name}")  # fmt: skip
     if args.gpu_step_ms:
-        print(f"  GPU step: {args.gpu_step_ms} ms (--gpu-step-ms)")
+        print(f"  GPU step: {args.gpu_step_ms} ms (--gpu-step-ms; taken as launch-bound: the same at any batch)")
     else:
         print(
             f"  GPU step: max(FLOPs / {args.gpu_tflops:g} TFLOP/s, aten ops x {args.gpu_op_us:g} us) "
             "(eager PyTorch; --gpu-tflops, --gpu-op-us, --gpu-step-ms)"
         )
-    head = "".join(f"{n:>9}" for n in SCALES)
-    print(f"  {'config':<28}{'strategy':<22}{'GPU step':>10}{head}   exposed comm at {SCALES[-1]}")
+    print(f"  {'config':<28}{'strategy':<22}{'GPU step':>10}{head}   exposed comm at {big}")
     for path, prof in rows:
         step = _gpu_step(prof, args)
-        for label, eff in efficiencies(prof, step, f).items():
-            cells = "".join(f"{e:>8.1%} " for e, _ in eff)
-            print(f"  {path:<28}{label:<22}{step * 1e3:>8.2f}ms{cells}  {eff[-1][1] * 1e6:7.0f} us")
+        for label, eff in efficiencies(prof, step, f, hop).items():
+            cells = "".join(f"{p.efficiency:>8.1%} " for p in eff)
+            print(f"  {path:<28}{label:<22}{step * 1e3:>8.2f}ms{cells}  {eff[-1].comm_s * 1e6:7.0f} us")
+
+    # The stop-signal agreement: one gloo all-reduce every ~AGREE_EVERY_S, overlapped with the steps.
+    print("\n  stop-signal agreement (watchdog.py): one gloo all-reduce on the control group every "
+          f"~{AGREE_EVERY_S:g} s,\n  overlapped with the steps; 2(N-1) TCP hops at an assumed {args.tcp_hop_us:g} us "
+          "each (--tcp-hop-us)")  # fmt: skip
+    print(f"  {'':<50}{head}")
+    print(f"  {'one agreement':<50}" + "".join(f"{agreement_s(n, hop) * 1e3:>6.1f} ms" for n in SCALES))
+    for path, prof in rows:
+        pts = efficiencies(prof, _gpu_step(prof, args), f, hop)["ddp"]
+        every = [agreement_every(p.step_s - p.stop_s) for p in pts]
+        print(f"  {path + ': steps apart (ddp)':<50}" + "".join(f"{e:>9}" for e in every))
+        flight = [agreement_s(n, hop) / e / (p.step_s - p.stop_s) for n, e, p in zip(SCALES, every, pts)]
+        print(f"  {'  in flight, share of the time (hidden)':<50}" + "".join(f"{x:>8.1%} " for x in flight))
+        print(f"  {'  exposed, share of a step':<50}" + "".join(f"{p.stop_s / p.step_s:>8.1%} " for p in pts))
+    print(f"  exposed only where one agreement outlasts the {AGREE_EVERY_S:g} s of steps it overlaps: beyond "
+          f"N = {agreement_limit(hop):.0f} ranks at {args.tcp_hop_us:g} us per hop")  # fmt: skip
+
+    # Strong scaling: the config unchanged, its batch split over the GPUs.
+    print("\npredicted strong scaling: the config unchanged, train.batch = B over N GPUs (B/N per GPU), DDP\n"
+          "  speedup: img/s on N GPUs / on 1 GPU with the whole batch; efficiency = speedup / N")  # fmt: skip
+    print(f"  {'config':<28}{'B':>5}" + "".join(f"{n:>26}" for n in SCALES))
+    for path, prof in rows:
+        arith, launch = _gpu_parts(prof, args)
+        cells = []
+        for n, r in zip(SCALES, strong_scaling(prof, prof["batch"], arith, launch, f, hop)):
+            why = "n/a: < 1 image per GPU" if prof["batch"] < n else "n/a: N does not divide B"
+            cell = why if r is None else (
+                f"{r.per_gpu}/GPU {r.step_s * 1e3:.2f}ms {r.speedup:.2f}x {r.efficiency:.1%}")  # fmt: skip
+            cells.append(f"{cell:>26}")
+        print(f"  {path:<28}{prof['batch']:>5}" + "".join(cells))
+    print("  (with model.norm=batch the trainer warns below 16 images per GPU: BatchNorm's statistics get noisy)")
+
+    # Gradient accumulation: k micro-batches of B per step, reduced with the last one.
+    print(f"\n  gradient accumulation at {big} GPUs: train.batch_per_gpu = B, train.batch = B x k x {big}: k "
+          "micro-batches a step,\n  compute k x the GPU step; DDP (no_sync) and ZeRO-1 reduce once per step, ZeRO-2 "
+          "reduce-scatters every micro-batch")  # fmt: skip
+    ks = (1, 2, 4, 8)
+    print(f"  {'config':<28}{'strategy':<22}" + "".join(f"{'k=' + str(k):>9}" for k in ks))
+    for path, prof in rows:
+        step = _gpu_step(prof, args)
+        for strategy in STRATEGIES:
+            cells = [scaled_step(prof, step, big, f, strategy, k, hop).efficiency for k in ks]
+            print(f"  {path:<28}{strategy:<22}" + "".join(f"{e:>8.1%} " for e in cells))
+    print(f"  the weak-scaling config of {big} GPUs (train.batch = B x {big}, train.batch_per_gpu = B) on fewer GPUs "
+          "accumulates:")  # fmt: skip
+    print(f"  {'config (ddp; k, efficiency, step)':<34}" + "".join(f"{n:>24}" for n in SCALES))
+    for path, prof in rows:
+        step = _gpu_step(prof, args)
+        cells = []
+        for n in SCALES:
+            k = big // n
+            p = scaled_step(prof, step, n, f, "ddp", k, hop)
+            cells.append(f"{'k=' + str(k)} {p.efficiency:.1%} {p.step_s * 1e3:.1f} ms")
+        print(f"  {path:<34}" + "".join(f"{c:>24}" for c in cells))
+
     # Sensitivity: the GPU step time is the assumption everything hangs on.
-    print(f"\n  sensitivity of DDP efficiency at {SCALES[-1]} GPUs to the GPU step time:")
+    print(f"\n  sensitivity of DDP weak-scaling efficiency at {big} GPUs to the GPU step time:")
     factors = (0.1, 0.25, 0.5, 1, 2, 4)
     print(f"  {'config':<28}" + "".join(f"{'x' + format(k, 'g'):>9}" for k in factors))
     for path, prof in rows:
         step = _gpu_step(prof, args)
-        cells = [efficiencies(prof, step * k, f)["ddp"][-1][0] for k in factors]
+        cells = [efficiencies(prof, step * k, f, hop)["ddp"][-1].efficiency for k in factors]
         print(f"  {path:<28}" + "".join(f"{e:>8.1%} " for e in cells))
     # A bigger batch per GPU: FLOPs grow with it, the aten ops (kernel launches) and the gradient bytes do not.
-    print(f"\n  a bigger batch per GPU (FLOPs x k, same ops and bytes): DDP efficiency at {SCALES[-1]}, GPU step")
+    print(f"\n  a bigger batch per GPU in one forward (FLOPs x k, same ops and bytes): DDP efficiency at {big}, "
+          "GPU step")  # fmt: skip
     mults = (1, 4, 16, 64)
     print(f"  {'config':<28}" + "".join(f"{'batch x' + str(k):>20}" for k in mults))
     for path, prof in rows:
         cells = []
         for k in mults:
             step = gpu_step_s(prof["step_flops"] * k, prof["step_ops"], args.gpu_tflops, args.gpu_op_us)
-            cells.append(f"{efficiencies(prof, step, f)['ddp'][-1][0]:.1%} {step * 1e3:6.2f} ms")
+            cells.append(f"{efficiencies(prof, step, f, hop)['ddp'][-1].efficiency:.1%} {step * 1e3:6.2f} ms")
         print(f"  {path:<28}" + "".join(f"{c:>20}" for c in cells))
 
 
-def efficiencies(prof, step_s: float, f: Fabric) -> dict[str, list[tuple[float, float]]]:
-    """{strategy: [(efficiency, exposed communication seconds) at each of SCALES]}."""
-    bwd = {net: step_s * prof["bwd_flops"][net] / prof["step_flops"] for net in ("D", "G")}
-    out: dict[str, list[tuple[float, float]]] = {"ddp": [], "zero1/2": []}
-    for n in SCALES:
-        nets = [(ddp_buckets([4 * p for p in prof[f"{net}_params"]]), bwd[net]) for net in ("D", "G")]
-        ddp = ddp_step_s(step_s, nets, n, f)
-        zero = zero_step_s(step_s, [4 * sum(prof[f"{net}_params"]) for net in ("D", "G")], n, f)
-        out["ddp"].append((step_s / ddp, ddp - step_s))
-        out["zero1/2"].append((step_s / zero, zero - step_s))
-    return out
+def _gpus() -> str:
+    return " / ".join(str(n) for n in SCALES)
+
+
+def _gpu_parts(prof, args) -> tuple[float, float]:
+    """(arithmetic seconds of the whole batch, host seconds issuing its kernels) of one GPU step; --gpu-step-ms is
+    taken as all launches (an eager step of these models is launch-bound: its time does not follow the batch)."""
+    if args.gpu_step_ms:
+        return 0.0, args.gpu_step_ms / 1e3
+    return prof["step_flops"] / (args.gpu_tflops * 1e12), prof["step_ops"] * args.gpu_op_us * 1e-6
 
 
 def _gpu_step(prof, args) -> float:
-    if args.gpu_step_ms:
-        return args.gpu_step_ms / 1e3
-    return gpu_step_s(prof["step_flops"], prof["step_ops"], args.gpu_tflops, args.gpu_op_us)
+    return max(_gpu_parts(prof, args))
 
 
 def _mb(nbytes: float) -> str:

@@ -14,6 +14,7 @@ COMMANDS = {
     "generate": ("distgan.generate", "images, grids, latent walks and progress animations from a trained G"),
     "eval": ("distgan.evaluate", "FID/KID/IS/precision-recall of a run, checkpoint or image folder; --watch a run"),
     "bench": ("distgan.bench", "benchmarks: `distgan bench train|data|scale ...`"),
+    "gpu-check": ("distgan.gpu_check", "what only a GPU can show, in a few minutes, one table (--dry: on the CPU)"),
 }
 
 

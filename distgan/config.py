@@ -96,6 +96,11 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     batch: int = _f(64, "global batch: real images per D step, summed over all processes")
+    batch_per_gpu: int = _f(
+        0,
+        "most images one process (GPU) runs per forward; when its share of train.batch is larger, gradients "
+        "accumulate over micro-batches of this size (0 = the whole share at once)",
+    )
     total_kimg: float = _f(300.0, "train until this many thousand real images have been shown to D")
     log_every_kimg: float = _f(4.0, "reduce and log stats every N kimg")
     sample_every_kimg: float = _f(20.0, "write a sample grid from fixed latents every N kimg")
@@ -219,11 +224,18 @@ class Config:
             need(0 <= getattr(o, key) < 1, f"optim.{key}={getattr(o, key)} must be in [0, 1)")
         need(d.num_images >= 1, f"data.num_images={d.num_images} must be >= 1")
         need(t.batch >= 1, f"train.batch={t.batch} must be >= 1")
+        need(t.batch_per_gpu >= 0, f"train.batch_per_gpu={t.batch_per_gpu} must be >= 0")
         if t.batch >= 1 and world_size >= 1:
             need(
                 t.batch % world_size == 0,
                 f"train.batch={t.batch} is not divisible by the {world_size} processes launched",
             )
+            share = t.batch // world_size
+            if t.batch % world_size == 0 and t.batch_per_gpu > 0 and share % min(t.batch_per_gpu, share):
+                fits = [d for d in range(1, share + 1) if share % d == 0]
+                need(False, f"train.batch={t.batch} over {world_size} process(es) is {share} per process, which "
+                            f"micro-batches of train.batch_per_gpu={t.batch_per_gpu} do not divide; choose one of "
+                            f"{fits}")  # fmt: skip
         for key in ("total_kimg", "log_every_kimg", "sample_every_kimg", "ckpt_every_kimg"):
             need(getattr(t, key) > 0, f"train.{key}={getattr(t, key)} must be > 0")
         for key in ("ema_kimg", "ema_rampup"):
@@ -253,6 +265,34 @@ class Config:
     def digest(self) -> str:
         """A short hash of the values (identifies a config in checkpoints and caches)."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def micro_batches(batch: int, world_size: int, batch_per_gpu: int) -> tuple[int, int, int]:
+    """(images per process per step, images per forward, micro-batches per step) of a validated config.
+
+    train.batch is global: N processes each take batch / N images per step. train.batch_per_gpu caps one forward
+    (a GPU's memory); a larger share runs as several micro-batches whose gradients accumulate into one step
+    (StyleGAN's batch_gpu), so the same config trains the same global batch on 1 GPU or 64.
+    """
+    share = batch // world_size
+    micro = min(batch_per_gpu, share) if batch_per_gpu > 0 else share
+    return share, micro, share // micro
+
+
+def describe_batch(cfg: Config, world_size: int) -> list[str]:
+    """The start-of-run line about the batch (and a warning when BatchNorm would see too few images)."""
+    t, m = cfg.train, cfg.model
+    share, micro, accum = micro_batches(t.batch, world_size, t.batch_per_gpu)
+    procs = f"{world_size} process{'es' if world_size > 1 else ''}"
+    line = f"batch: {t.batch} per step = {share} per process x {procs}"
+    line += f", in {accum} micro-batches of {micro} (train.batch_per_gpu)" if accum > 1 else ""
+    lines = [line]
+    if m.norm == "batch" and micro < 16:
+        lines.append(
+            f"warning: BatchNorm sees {micro} images per forward on each process; its statistics get noisy below "
+            f"~16 (raise train.batch to {16 * world_size * accum}+ for {procs}, or use model.norm=none)"
+        )
+    return lines
 
 
 def _eval_problems(e: EvalConfig) -> list[str]:

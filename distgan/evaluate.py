@@ -157,7 +157,7 @@ def make_evaluator(args, metrics, dist, cfg):
         else:
             names = ", ".join(m for m in metrics if m != "is")
             raise MetricsError(f"{names} compare with real images: give them with --real (shards or an image folder)")
-    with dist.local_main_first():  # the first process of each node fetches the Inception weights if it must
+    with dist.download_first():  # rank 0 fetches the Inception weights first if it must (caches may be shared)
         extractor = make_extractor(args.features, dist.device, args.inception_weights)
     return Evaluator(metrics, extractor, real, dist, num=args.num, num_real=args.num_real, batch=args.batch,
                      seed=args.seed, cache_dir=args.cache, use_cache=not args.no_cache, kid_subsets=args.kid_subsets,

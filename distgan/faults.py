@@ -3,13 +3,14 @@
     DISTGAN_FAULTS="kill:rank=1:step=6:attempt=0"          SIGKILL rank 1 when it reaches step 6 (first attempt)
     DISTGAN_FAULTS="ckpt.mid_file:rank=0:nth=2"             SIGKILL rank 0 half-way through its 2nd checkpoint file
     DISTGAN_FAULTS="nan_loss:rank=1:step=3-"                rank 1's losses are NaN from step 3 on
+    DISTGAN_FAULTS="usr1:rank=0:step=50"                    rank 0 sends itself SIGUSR1 at step 50 (a stop, on cue)
     DISTGAN_FAULTS="hang:rank=1:step=4;enospc:nth=2"        several faults: separated by ';'
 
 A fault is a name and conditions; it fires when every condition holds. Conditions: `rank`, `step` (a number, or
 `A-` for A and after, or `A-B`), `net` (G or D), `attempt` (torchrun's restart count, TORCHELASTIC_RESTART_COUNT),
 and `nth` (the n-th time this process reaches the point). Points in the code call `fires(name, **where)`, or
 `kill_if(name, **where)` for a SIGKILL there. Unset (the normal case) each point costs one dict lookup.
-The points: kill, hang, nan_loss (trainer.py); ckpt.before_files, ckpt.mid_file, ckpt.after_files,
+The points: kill, hang, usr1, nan_loss (trainer.py); ckpt.before_files, ckpt.mid_file, ckpt.after_files,
 ckpt.after_manifest, ckpt.before_rename, ckpt.after_rename, ckpt.during_purge, enospc (checkpoint.py).
 """
 

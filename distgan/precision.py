@@ -8,7 +8,8 @@ Two scalers, because G's and D's gradients live at different scales and overflow
 one shared scaler an overflow in D would also shrink G's scale and skip G's step. Each network's scaler
 skips only that network's step, and it skips it on every rank at once, because DDP all-reduces the gradients
 (an inf on one rank becomes an inf on all) before the scaler looks at them. Losses are computed in fp32 from
-logits cast up (see losses.py); penalties use `loss_scale()` to stay AMP-correct.
+logits cast up (see losses.py); penalties use their network's `Net.loss_scale()` (a device tensor: reading the
+scale as a number would make the host wait for the GPU) to stay AMP-correct.
 """
 
 from __future__ import annotations
@@ -34,8 +35,3 @@ class Precision:
     def make_scaler(self) -> torch.amp.GradScaler:
         """A GradScaler that is active under fp16 and a pass-through otherwise (one code path for all modes)."""
         return torch.amp.GradScaler(self.device_type, enabled=self.mode == "fp16")
-
-    @staticmethod
-    def loss_scale(scaler: torch.amp.GradScaler) -> float | None:
-        """The factor a penalty's autograd.grad must scale by (None when not loss scaling)."""
-        return scaler.get_scale() if scaler.is_enabled() else None

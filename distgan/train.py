@@ -23,7 +23,7 @@ if __name__ == "__main__" and not __package__:
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from distgan import launcher  # noqa: E402
-from distgan.config import field_index, flatten, help_text, load_config, to_yaml  # noqa: E402
+from distgan.config import describe_batch, field_index, flatten, help_text, load_config, to_yaml  # noqa: E402
 from distgan.errors import CheckpointError, DataError, Stop, UserError  # noqa: E402
 
 # Config keys a resumed run may change; any other difference from the checkpoint's config is refused unless
@@ -127,6 +127,7 @@ def _run(cfg, dist, run_dir_arg, resume, allow_config_change) -> dict:
     from distgan.checkpoint import CheckpointManager, load_file
     from distgan.console import Console
     from distgan.data import make_stream
+    from distgan.data.prefetch import Prefetcher
     from distgan.tracking import NullTracker, make_tracker
     from distgan.trainer import Trainer
     from distgan.watchdog import StopSignals, Watchdog
@@ -140,6 +141,8 @@ def _run(cfg, dist, run_dir_arg, resume, allow_config_change) -> dict:
     console = Console(dist.is_main, run_dir / "log.txt", cfg.train.progress)
     strategy = launcher.resolve_strategy(cfg.dist.strategy, cfg.train.precision)
     console.print(f"distgan {__version__}: {dist.describe(cfg.train.precision, strategy)}")
+    for line in describe_batch(cfg, dist.world_size):
+        console.print(line)
     console.print(f"run dir: {run_dir}")
 
     # Find the checkpoint to resume from (rank 0 verifies, everyone loads it), check it belongs to this config.
@@ -149,13 +152,14 @@ def _run(cfg, dist, run_dir_arg, resume, allow_config_change) -> dict:
     if state is not None:
         check_resumable(state["config"], cfg, allow_config_change)
 
-    # Open the data: the first process of each node first (it may download), then the others. Missing shards,
-    # a rank that would get no data, or a resolution mismatch are errors here, before the first step.
+    # Open the data: rank 0 first (it may download into a folder the nodes share), then the first process of each
+    # other node, then the rest. Missing shards or a resolution mismatch are errors here, before the first step.
     # A rank that fails here must not leave the others waiting in a collective: all agree, all raise.
     error = None
-    with dist.local_main_first():
+    with dist.download_first():
         try:
-            stream = make_stream(cfg, dist.rank, dist.world_size)
+            # Batches come pinned and are copied to the device one step ahead, while the current step trains.
+            stream = Prefetcher(make_stream(cfg, dist.rank, dist.world_size, device=dist.device), dist.device)
         except UserError as e:
             error = e
     failed = [msg for msg in dist.all_gather_object(str(error) if error else None) if msg]

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import resource
+import signal
 import time
 from pathlib import Path
 
@@ -33,6 +35,8 @@ import torch
 
 from distgan import faults, launcher, rng
 from distgan.checkpoint import CheckpointManager, load_file, rank_file, read_manifest
+from distgan.config import micro_batches
+from distgan.distributed.nets import make_adam
 from distgan.ema import EMA, ema_beta
 from distgan.errors import CheckpointError, DataError, Diverged, Interrupted
 from distgan.losses import LOSSES, gradient_penalty, input_gradients, path_lengths, r1_penalty
@@ -53,7 +57,9 @@ class Trainer:
         self.device = dist.device
         self.precision = Precision(t.precision, dist.device)
         self.loss = LOSSES[lo.kind]
-        self.batch_local = t.batch // dist.world_size
+        # The batch: train.batch images per step over all ranks; each rank's share runs in `accum` micro-batches of
+        # `micro` images (train.batch_per_gpu caps a forward's size; gradients accumulate over the micro-batches).
+        self.batch_local, self.micro, self.accum = micro_batches(t.batch, dist.world_size, t.batch_per_gpu)
 
         # Which penalties run, and whether lazily in a phase of their own.
         self.d_penalty = lo.r1_gamma > 0 or lo.gp_weight > 0
@@ -67,34 +73,47 @@ class Trainer:
         self.D_module = build_discriminator(cfg.model).to(self.device)
         self.G_ema = EMA(self.G_module)
 
-        # One optimizer and one loss scaler per network.
+        # One optimizer and one loss scaler per network. Adam is fused where torch has the kernel: one kernel per
+        # update, and a skipped update (non-finite gradients) decided on the device, without a host sync.
         o = cfg.optim
         self.hparams = {
             "G": self._adam_hparams(o.lr_g, lo.g_reg_interval if self.g_reg_lazy else None),
             "D": self._adam_hparams(o.lr_d, lo.d_reg_interval if self.d_reg_lazy else None),
         }
-        # foreach: one fused call per update for all tensors (PyTorch only picks it by default on GPUs).
-        self.opt_G = torch.optim.Adam(self.G_module.parameters(), **self.hparams["G"], foreach=True)
-        self.opt_D = torch.optim.Adam(self.D_module.parameters(), **self.hparams["D"], foreach=True)
-        self.scaler_G, self.scaler_D = self.precision.make_scaler(), self.precision.make_scaler()
+        self.opt_G = make_adam(self.G_module.parameters(), **self.hparams["G"], device=self.device)
+        self.opt_D = make_adam(self.D_module.parameters(), **self.hparams["D"], device=self.device)
 
         # Distribute across processes: G and D as DDP modules (or plain ones in a world of one), or as two
         # DeepSpeed ZeRO engines. The phases below only say what each forward is for (distributed/nets.py).
         self.strategy = cfg.dist.strategy = launcher.resolve_strategy(cfg.dist.strategy, t.precision)
-        self.G = dist.make_net("G", self.G_module, self.opt_G, self.strategy, t.precision, self.batch_local)
-        self.D = dist.make_net("D", self.D_module, self.opt_D, self.strategy, t.precision, self.batch_local)
+        self.G, self.D = (
+            dist.make_net(
+                name,
+                module,
+                opt,
+                self.strategy,
+                t.precision,
+                self.micro,
+                self.accum,
+                scaler=self.precision.make_scaler(),
+            )  # fmt: skip
+            for name, module, opt in (("G", self.G_module, self.opt_G), ("D", self.D_module, self.opt_D))
+        )
         self.nets = {"G": self.G, "D": self.D}
 
         # Counters and running values (all part of the checkpoint).
         self.cur_nimg = 0
         self.step_idx = 0
         self.data_totals = {"samples": 0, "bad": 0}  # over all ranks, for data.max_bad_fraction
-        self.skips_in_a_row = 0  # steps whose update was skipped for non-finite values, in a row
+        # Skipped steps are counted on the device (a step must not wait for the host to learn whether it skipped);
+        # the host reads them at log intervals and while a checkpoint waits (`_read_skips`).
+        self.skips_in_a_row = 0  # host copies, as of the last read
         self.skips_total = 0
+        self._skip_counts = torch.zeros(3, dtype=torch.int64, device=self.device)  # [in a row, worst run, total]
         self.rollbacks = 0
         self.nimg_discarded = 0  # images trained and thrown away by rollbacks: W&B's step is cur_nimg + this
         self._skips_alerted = 0  # skips_total when the last alert about skipped steps went out
-        self._skipped = False  # some phase of the current step skipped its update
+        self._step_skipped = torch.zeros((), device=self.device)  # 1 when a phase of this step skipped (device)
         self._beat = None  # the watchdog's beat(step, phase, what), during fit
         self._phase_no = 0
         self.pl_mean = torch.zeros([], device=self.device)
@@ -110,33 +129,46 @@ class Trainer:
 
     # ================================================================== one step
 
-    def train_step(self, reals: torch.Tensor, latents: torch.Tensor, gen: torch.Generator) -> None:
+    def train_step(self, reals, latents: torch.Tensor, gen: torch.Generator) -> None:
         """One iteration.
 
-        reals:   [n_critic, B_local, C, H, W], uint8 (or float in [-1, 1])
+        reals:   n_critic batches [B_local, C, H, W], uint8 (or float in [-1, 1]): a list, or stacked on dim 0
         latents: [n_critic (+1 unless reusing fakes), B_local, z_dim]
         gen:     generator for the step's other random numbers (interpolation weights, path-length directions)
+        Each phase runs its batch in `accum` micro-batches and steps its optimizer once.
         """
         lo, n_critic = self.cfg.loss, self.cfg.loss.n_critic
+        # G_main reuses the last D step's fakes with their graph; with micro-batches it regenerates them from the
+        # same latents instead (G has not changed since: the same images), rather than keep every graph alive.
         reuse = self.cfg.train.reuse_fake
         d_reg_now = self.d_penalty and self.step_idx % lo.d_reg_interval == 0
         g_reg_now = self.g_penalty and self.step_idx % lo.g_reg_interval == 0
+        self._step_skipped = torch.zeros((), device=self.device)
 
         # D phases.
         for k in range(n_critic):
             real = self._to_float(reals[k])
-            keep_graph = reuse and k == n_critic - 1
-            fake = self._generate(latents[k], with_grad=keep_graph)
-            self._phase_D_main(real, fake.detach(), gen, with_reg=d_reg_now and not self.d_reg_lazy)
+            keep_graph = reuse and k == n_critic - 1 and self.accum == 1
+            fakes = self._phase_D_main(real, latents[k], gen, with_reg=d_reg_now and not self.d_reg_lazy,
+                                       keep_graph=keep_graph)  # fmt: skip
             if d_reg_now and self.d_reg_lazy and k == n_critic - 1:
-                self._phase_D_reg(real, fake.detach(), gen)
+                self._phase_D_reg(real, fakes, gen)
 
         # G phases.
-        if not reuse:
-            fake = self._generate(latents[n_critic], with_grad=True)
-        self._phase_G_main(fake, gen, with_reg=g_reg_now and not self.g_reg_lazy)
+        if reuse and self.accum == 1:
+            g_inputs = fakes  # with their graph
+        else:
+            g_inputs = latents[n_critic - 1 if reuse else n_critic].chunk(self.accum)
+        self._phase_G_main(g_inputs, gen, with_reg=g_reg_now and not self.g_reg_lazy)
         if g_reg_now and self.g_reg_lazy:
             self._phase_G_reg(gen)
+
+        # Skipped steps, counted on the device.
+        c = self._skip_counts
+        skipped = (self._step_skipped > 0).long()
+        c[0] = (c[0] + 1) * skipped  # in a row
+        c[1] = torch.maximum(c[1], c[0])  # the longest run since the host last looked
+        c[2] += skipped
 
         # G_ema.
         step_nimg = self.cfg.train.batch * n_critic
@@ -156,40 +188,54 @@ class Trainer:
 
     # ------------------------------------------------------------------ phases
 
-    def _phase_D_main(self, real, fake, gen, with_reg: bool) -> None:
+    def _phase_D_main(self, real, z, gen, with_reg: bool, keep_graph: bool) -> list[torch.Tensor]:
+        """D learns reals vs fakes of latents `z`; returns the fakes per micro-batch (with G's graph if asked)."""
         self.D.set_trainable(True)
         lo = self.cfg.loss
         r1_now = with_reg and lo.r1_gamma > 0
-        if r1_now:  # R1 in the main step: the real logits are also the penalty's, so they take its forward
-            real = real.detach().requires_grad_(True)
-        with self.precision.autocast():
-            real_logits = self.D.penalty(real) if r1_now else self.D(real)  # [B]
-            fake_logits = self.D(fake)  # [B]
-        loss = self.loss.d_loss(real_logits.float(), fake_logits.float())
-        self.stats.report("Loss/D/main", loss)
-        self.stats.report("D/real_logit", real_logits)
-        self.stats.report("D/fake_logit", fake_logits)
-        # D(x) and D(G(z)): the mean probability D gives a real and a fake of being real (0.5 each when D is lost).
-        self.stats.report("D/real_prob", torch.sigmoid(real_logits.detach().float()))
-        self.stats.report("D/fake_prob", torch.sigmoid(fake_logits.detach().float()))
-        if with_reg:
-            loss = loss + self._d_penalties(real, real_logits, fake, gen, gain=1)
-        self._optimize("D", loss, self.scaler_D)
+        fakes = []
+        for i, (real_i, z_i) in enumerate(zip(real.chunk(self.accum), z.chunk(self.accum))):
+            real = real_i
+            fake = self._generate(z_i, with_grad=keep_graph)
+            fakes.append(fake)
+            fake = fake.detach()
+            with self.D.micro_batch(i):
+                if r1_now:  # R1 in the main step: the real logits are also the penalty's, so they take its forward
+                    real = real.detach().requires_grad_(True)
+                with self.precision.autocast():
+                    real_logits = self.D.penalty(real) if r1_now else self.D(real)  # [B]
+                    fake_logits = self.D(fake)  # [B]
+                loss = self.loss.d_loss(real_logits.float(), fake_logits.float())
+                self.stats.report("Loss/D/main", loss)
+                self.stats.report("D/real_logit", real_logits)
+                self.stats.report("D/fake_logit", fake_logits)
+                # D(x) and D(G(z)): the mean probability D gives a real and a fake of being real (0.5 each when D
+                # is lost).
+                self.stats.report("D/real_prob", torch.sigmoid(real_logits.detach().float()))
+                self.stats.report("D/fake_prob", torch.sigmoid(fake_logits.detach().float()))
+                if with_reg:
+                    loss = loss + self._d_penalties(real, real_logits, fake, gen, gain=1)
+                self._backward("D", loss)
+        self._step("D")
+        return fakes
 
-    def _phase_D_reg(self, real, fake, gen) -> None:
+    def _phase_D_reg(self, real, fakes, gen) -> None:
         self.D.set_trainable(True)
-        real = real.detach().requires_grad_(True)
-        real_logits = None
-        if self.cfg.loss.r1_gamma > 0:
-            with self.precision.autocast():
-                real_logits = self.D.penalty(real)
-        loss = self._d_penalties(real, real_logits, fake, gen, gain=self.cfg.loss.d_reg_interval)
-        self._optimize("D", loss, self.scaler_D)
+        for i, (real_i, fake) in enumerate(zip(real.chunk(self.accum), fakes)):
+            with self.D.micro_batch(i):
+                real = real_i.detach().requires_grad_(True)
+                real_logits = None
+                if self.cfg.loss.r1_gamma > 0:
+                    with self.precision.autocast():
+                        real_logits = self.D.penalty(real)
+                loss = self._d_penalties(real, real_logits, fake.detach(), gen, gain=self.cfg.loss.d_reg_interval)
+                self._backward("D", loss)
+        self._step("D")
 
     def _d_penalties(self, real, real_logits, fake, gen, gain: int) -> torch.Tensor:
         # gain = the regularisation interval: a penalty applied every N steps weighs N times as much.
         lo = self.cfg.loss
-        scale = self.precision.loss_scale(self.scaler_D)
+        scale = self.D.loss_scale()
         total = torch.zeros([], device=self.device)
         if lo.r1_gamma > 0:
             r1 = r1_penalty(input_gradients(real_logits, real, scale))  # [B]
@@ -206,32 +252,39 @@ class Trainer:
             total = total + gp.mean() * lo.gp_weight * gain + logits.float().mean() * 0
         return total
 
-    def _phase_G_main(self, fake, gen, with_reg: bool) -> None:
+    def _phase_G_main(self, inputs, gen, with_reg: bool) -> None:
+        """G learns to fool D; `inputs` per micro-batch: fakes with their graph (reused), or latents to generate."""
         self.D.set_trainable(False)  # D is frozen: G's backward must not touch D's gradients
-        with self.precision.autocast():
-            fake_logits = self.D.frozen(fake)
-        loss = self.loss.g_loss(fake_logits.float())
-        self.stats.report("Loss/G/main", loss)
-        if with_reg:
-            loss = loss + self._g_penalty(gen, gain=1)
-        self._optimize("G", loss, self.scaler_G)
+        for i, x in enumerate(inputs):
+            with self.G.micro_batch(i):
+                fake = x if x.dim() == 4 else self._generate(x, with_grad=True)
+                with self.precision.autocast():
+                    fake_logits = self.D.frozen(fake)
+                loss = self.loss.g_loss(fake_logits.float())
+                self.stats.report("Loss/G/main", loss)
+                if with_reg:
+                    loss = loss + self._g_penalty(gen, gain=1)
+                self._backward("G", loss)
+        self._step("G")
         self.D.set_trainable(True)
 
     def _phase_G_reg(self, gen) -> None:
         self.D.set_trainable(False)
-        loss = self._g_penalty(gen, gain=self.cfg.loss.g_reg_interval)
-        self._optimize("G", loss, self.scaler_G)
+        for i in range(self.accum):
+            with self.G.micro_batch(i):
+                self._backward("G", self._g_penalty(gen, gain=self.cfg.loss.g_reg_interval))
+        self._step("G")
         self.D.set_trainable(True)
 
     def _g_penalty(self, gen, gain: int) -> torch.Tensor:
         # Path length on the latent: ||J_G(z)^T y|| for random unit-variance image directions y should stay
         # near its running mean, so equal steps in z make equal changes in the image.
         lo, m = self.cfg.loss, self.cfg.model
-        z = torch.randn([self.batch_local, m.z_dim], generator=gen, device=self.device).requires_grad_(True)
+        z = torch.randn([self.micro, m.z_dim], generator=gen, device=self.device).requires_grad_(True)
         with self.precision.autocast():
             img = self.G.penalty(z)  # [B, C, H, W]
         y = torch.randn(img.shape, generator=gen, device=self.device) / math.sqrt(img.shape[2] * img.shape[3])
-        lengths = path_lengths(input_gradients(img.float() * y, z, self.precision.loss_scale(self.scaler_G)))
+        lengths = path_lengths(input_gradients(img.float() * y, z, self.G.loss_scale()))
         batch_mean = self.dist.all_reduce_mean(lengths.detach().mean().clone())  # the same on every rank
         self.pl_mean.lerp_(batch_mean, lo.pl_decay)
         penalty = (lengths - self.pl_mean).square()
@@ -239,14 +292,14 @@ class Trainer:
         self.stats.report("G/pl_mean", self.pl_mean)
         return penalty.mean() * lo.pl_weight * gain + img.float().mean() * 0
 
-    def _optimize(self, net: str, loss, scaler) -> None:
-        """Backward (gradients synced across ranks), then the network's step unless a gradient is not finite.
+    def _backward(self, net: str, loss) -> None:
+        """One micro-batch's backward (gradients reduced across ranks with the step's last micro-batch).
 
         Every rank must skip the same updates. Gradients are reduced across ranks, so a non-finite gradient on one
         rank is non-finite on all; a non-finite loss on one rank is made into one: `poison` is 0 when the loss is
         finite and NaN when not, and multiplies one weight into the loss, so that weight's gradient becomes NaN
-        everywhere after the reduction (no extra collective, no host sync). The gradient norm then decides, under
-        DDP (nets.TorchNet) and DeepSpeed (zero.ZeroNet) alike.
+        everywhere after the reduction (no extra collective, no host sync). The gradient norm then decides, on
+        the device, under DDP (nets.TorchNet) and DeepSpeed (zero.ZeroNet) alike.
         """
         if faults.fires("nan_loss", rank=self.dist.rank, step=self.step_idx, net=net):
             loss = loss * float("nan")
@@ -254,21 +307,32 @@ class Trainer:
         poison = torch.where(torch.isfinite(loss.detach()), 0.0, float("nan"))
         loss = loss + poison * first.view(-1)[0]
         self._mark(f"{net} backward")
-        if scaler.is_enabled():
-            self.stats.report(f"{net}/loss_scale", scaler.get_scale())
-        norm = self.nets[net].step(loss, scaler)
+        self.nets[net].backward(loss)
+
+    def _step(self, net: str) -> None:
+        """The network's optimizer step (skipped on the device when a gradient is not finite), and its stats."""
+        scale = self.nets[net].loss_scale()
+        if scale is not None:
+            self.stats.report(f"{net}/loss_scale", scale)
+        norm, skipped = self.nets[net].step()
         self.stats.report(f"{net}/grad_norm", norm)
-        finite = bool(torch.isfinite(norm))  # identical on every rank (reduced gradients)
-        self.stats.report(f"{net}/skipped", 0.0 if finite else 1.0)
-        if not finite:
-            self._skipped = True
+        self.stats.report(f"{net}/skipped", skipped)
+        self._step_skipped = torch.maximum(self._step_skipped, skipped)
+
+    def _read_skips(self) -> int:
+        """Read the device's skip counts into the host (a host sync: at log intervals and while a checkpoint
+        waits); returns the longest run of skipped steps since the last read."""
+        in_a_row, worst, total = self._skip_counts.tolist()
+        self._skip_counts[1] = in_a_row  # the run still going on counts towards the next read's longest
+        self.skips_in_a_row, self.skips_total = in_a_row, total
+        return worst
 
     # ================================================================== the loop
 
     def draw(self):
         """The next step's inputs: reals from the stream, latents and a generator from (seed, rank, cur_nimg)."""
         t, lo = self.cfg.train, self.cfg.loss
-        reals = torch.stack([next(self.stream) for _ in range(lo.n_critic)])  # [n_critic, B_local, C, H, W]
+        reals = [next(self.stream) for _ in range(lo.n_critic)]  # n_critic x [B_local, C, H, W], as streamed
         # After a rollback the steps draw other latents (else a deterministic blow-up would simply repeat).
         salt = (self.rollbacks,) if self.rollbacks else ()
         gen = rng.generator(t.seed, rng.STEP, self.dist.rank, self.cur_nimg, *salt, device=self.device)
@@ -279,7 +343,7 @@ class Trainer:
     def fit(self, tracker: Tracker | None = None, stop=None, watchdog=None, on_step=None) -> dict[str, float]:
         """Train until `train.total_kimg`, with logs, samples and checkpoints on the way; returns the summary.
 
-        stop:     a watchdog.StopSignals: ranks agree on a stop signal at each step boundary, save, raise Interrupted
+        stop:     a watchdog.StopSignals: ranks agree on a stop signal at a step boundary, save, raise Interrupted
         watchdog: a watchdog.Watchdog, told where this rank is (a rank that stops beating is named)
         on_step:  called after every step (tests record losses and hashes with it)
         """
@@ -318,31 +382,36 @@ class Trainer:
             self._phase_no = 0
             self._mark("step start")
             faults.kill_if("kill", step=self.step_idx)
+            if faults.fires("usr1", step=self.step_idx):  # a stop signal at an exact step (gpu-check, tests)
+                os.kill(os.getpid(), signal.SIGUSR1)
             if faults.fires("hang", step=self.step_idx):
                 while True:  # a rank stuck for good (a dead file system, a deadlocked loader)
                     time.sleep(1)
-            if stop is not None:
-                stop.begin_step()
             prev = self.cur_nimg
-            self._skipped = False
             batch = self.draw()
             self._mark("data ready")
             self.train_step(*batch)
-            self.skips_in_a_row = self.skips_in_a_row + 1 if self._skipped else 0
-            self.skips_total += self._skipped
             signum = stop.end_step() if stop is not None else 0
             if on_step is not None:
                 on_step(self)
-            if self.skips_in_a_row >= t.max_consecutive_skips:
-                self._rollback(ckpts, f"{self.skips_in_a_row} steps in a row had non-finite losses or gradients")
-                continue
             done = self.cur_nimg >= total_nimg
             # An interval is due when this step crossed one of its multiples (and everything at the end).
             due = {name: done or prev // n != self.cur_nimg // n for name, n in every.items()}
 
+            # Skipped steps are counted on the device; the host looks at log intervals, while a checkpoint is due or
+            # waiting, at a stop and at the end (no other step waits for the GPU). A run of
+            # train.max_consecutive_skips skipped steps seen there rolls back (and what was due is due again when
+            # the steps after the checkpoint are trained again).
+            if due["log"] or due["ckpt"] or ckpt_pending or signum or done:
+                worst = self._read_skips()
+                if worst >= t.max_consecutive_skips:
+                    self._rollback(ckpts, f"{worst} steps in a row had non-finite losses or gradients")
+                    ckpt_pending = False
+                    continue
+            ckpt_pending = ckpt_pending or due["ckpt"]
+
             # A checkpoint due during a streak of skipped steps waits for the first good step: a rollback must
             # go back to before the trouble, and the good checkpoints must not be purged by ones made during it.
-            ckpt_pending = ckpt_pending or due["ckpt"]
             save_now = ckpts is not None and (signum or (ckpt_pending and (self.skips_in_a_row == 0 or done)))
 
             if due["log"]:
@@ -412,7 +481,7 @@ class Trainer:
         # The images since the checkpoint are trained again; W&B's step (tracking.py) must keep growing.
         self.nimg_discarded = discarded + nimg - self.cur_nimg
         self.tracker.step_offset = self.nimg_discarded
-        self.skips_in_a_row = 0
+        self._reset_skip_counts()
         self.stats.reset()
         self._tick = (self.cur_nimg, time.time())
         self._warn(f"{why}; rolled back to {path.name} ({self.rollbacks} of train.max_rollbacks={limit})")
@@ -533,7 +602,7 @@ class Trainer:
 
         e = self.cfg.eval
         real = open_source(e.real) if e.real else training_source(self.cfg)
-        with self.dist.local_main_first():  # the first rank of a node fetches the Inception weights if it must
+        with self.dist.download_first():  # rank 0 fetches the Inception weights first if it must (shared caches)
             extractor = make_extractor(e.features, self.device, e.inception_weights or None)
         beat = lambda: self._mark("evaluating metrics")  # noqa: E731 (the watchdog hears from every batch)
         evaluator = Evaluator(parse_metrics(e.metrics), extractor, real, self.dist, num=e.num, batch=e.batch,
@@ -566,8 +635,8 @@ class Trainer:
             **self.G.shared_state(),  # "G", "opt_G" (DDP)
             **self.D.shared_state(),
             "G_ema": self.G_ema.state_dict(),
-            "scaler_G": self.scaler_G.state_dict(),
-            "scaler_D": self.scaler_D.state_dict(),
+            "scaler_G": self.G.scaler.state_dict(),
+            "scaler_D": self.D.scaler.state_dict(),
             "cur_nimg": self.cur_nimg,
             "step": self.step_idx,
             "pl_mean": self.pl_mean.detach().cpu(),
@@ -613,10 +682,9 @@ class Trainer:
         for name, net in self.nets.items():
             for group in net.param_groups:
                 group.update(self.hparams[name])
-        if state["scaler_G"]:  # empty when the run that saved it did not scale
-            self.scaler_G.load_state_dict(state["scaler_G"])
-        if state["scaler_D"]:
-            self.scaler_D.load_state_dict(state["scaler_D"])
+        for name, net in self.nets.items():
+            if state[f"scaler_{name}"]:  # empty when the run that saved it did not scale
+                net.scaler.load_state_dict(state[f"scaler_{name}"])
         self.cur_nimg = int(state["cur_nimg"])
         self.step_idx = int(state["step"])
         self.pl_mean.copy_(state["pl_mean"])
@@ -624,7 +692,11 @@ class Trainer:
         self.skips_total = int(state["skips_total"])
         self.rollbacks = int(state["rollbacks"])
         self.nimg_discarded = int(state.get("nimg_discarded", 0))  # (absent from checkpoints of before W&B steps)
+        self._reset_skip_counts()
+
+    def _reset_skip_counts(self) -> None:
         self.skips_in_a_row = 0
+        self._skip_counts.copy_(torch.tensor([0, 0, self.skips_total]))
 
     def load_rank_state(self, state: dict, same_world: bool) -> None:
         if same_world:
@@ -650,8 +722,7 @@ class Trainer:
     def save_checkpoint(self, ckpts: CheckpointManager) -> Path | None:
         """Commit a checkpoint of this step on every rank (a collective). None, and nothing written, when the
         state holds a non-finite value (the caller rolls back instead)."""
-        bad = torch.tensor([float(self._count_nonfinite())])
-        if self.dist.all_reduce_sum(bad).item() > 0:
+        if self.dist.host_sum(self._count_nonfinite()) > 0:
             return None
         return ckpts.save(self.dist, self.cur_nimg, self.checkpoint_files())
 

@@ -1,11 +1,17 @@
 """Stop signals agreed across ranks, and a watchdog that turns a hung rank into a failure naming it.
 
 StopSignals: SIGTERM (schedulers, `kill`, torchrun shutting down) and SIGUSR1 (SLURM's advance warning,
-`scancel --signal=USR1`) only set a flag in the handler. At every step boundary the ranks combine their flags
-with one small all-reduce (started when the step starts, on a CPU/gloo group, waited for when it ends, so it
-overlaps the step and costs ~nothing): if any rank got a signal, every rank learns it at the same step, all save
-that step's checkpoint together and exit with code 3. A signal that reaches only one rank (`kill` of one PID,
-a node-local preemption notice) therefore still stops the whole job cleanly. SIGKILL aborts without saving.
+`scancel --signal=USR1`) only set a flag in the handler. The ranks combine their flags with one small all-reduce
+on the gloo control group, started at one step boundary and waited for `every` steps later, so it runs while they
+train: if any rank got a signal, every rank learns it at the same step boundary, all save that step's checkpoint
+together and exit with code 3. A signal that reaches only one rank (`kill` of one PID, a node-local preemption
+notice) therefore still stops the whole job cleanly. SIGKILL aborts without saving.
+
+How often: an all-reduce over gloo's TCP takes 2(N-1) hops on N ranks (tens of ms at 512 ranks), longer than a
+fast GPU step; so the ranks agree about every AGREE_EVERY_S seconds, not every step. Each agreement also carries
+the slowest rank's time since the previous one, and from it every rank derives the same number of steps until the
+next (`every`). A stop therefore takes effect within about two such intervals (~0.5 s), and costs one small
+collective per interval, hidden behind the steps it overlaps (docs/scaling.md counts it).
 
 Watchdog: a thread per rank. The training loop calls `beat(step, phase, what)` where each step starts, when its
 data is ready, before each backward (where DDP's all-reduces wait) and before anything long (checkpoint, sample
@@ -19,6 +25,7 @@ checkpoint instead of it waiting forever in a collective (gloo's own timeout is 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -32,13 +39,21 @@ from distgan.errors import EXIT_HUNG
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
+AGREE_EVERY_S = 0.25  # target seconds between two agreements on stop signals
+MAX_EVERY = 10_000  # steps
+
+
 class StopSignals:
     def __init__(self, dist, signals=STOP_SIGNALS):
         self.dist = dist
         self.received = 0  # the signal number, set by the handler
-        self.agreed = 0  # the signal any rank received, as the ranks agreed at the last step boundary
+        self.agreed = 0  # the signal any rank received, as the ranks agreed at the last agreement
         self.received_at: float | None = None
+        self.every = 1  # steps from one agreement to the next (the same on every rank)
+        self._steps = 0  # steps since the last agreement
         self._work = None
+        self._buf = None
+        self._since = time.monotonic()
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
             for sig in signals:
@@ -48,20 +63,28 @@ class StopSignals:
         if not self.received:
             self.received, self.received_at = signum, time.time()
 
-    def begin_step(self) -> None:
-        """Start combining the flags (asynchronously: the step runs meanwhile)."""
-        if self.dist.world_size > 1:
-            self._buf = torch.tensor([self.received], dtype=torch.int64)
-            self._work = self.dist.all_reduce_max_async(self._buf)
-
     def end_step(self) -> int:
-        """The signal some rank received (the same answer on every rank), or 0."""
-        if self._work is None:
+        """At a step boundary: the signal some rank received (the same answer on every rank, at the same step), or
+        0. Every `every` steps the result of the agreement started `every` steps ago is read, and the next one is
+        started with this rank's flag and how long its last interval took."""
+        if self.dist.world_size == 1:
             self.agreed = self.received
             return self.received
-        self._work.wait()
-        self._work = None
-        self.agreed = int(self._buf.item())
+        self._steps += 1
+        if self._steps < self.every:
+            return 0
+        steps, self._steps = self._steps, 0
+        if self._work is not None:
+            self._work.wait()
+            flag, slowest_us, interval = self._buf.tolist()
+            self.agreed = int(flag)
+            per_step = max(slowest_us, 1) / 1e6 / max(interval, 1)
+            self.every = int(min(MAX_EVERY, max(1, math.ceil(AGREE_EVERY_S / per_step))))
+        now = time.monotonic()
+        elapsed_us = int((now - self._since) * 1e6)
+        self._since = now
+        self._buf = torch.tensor([self.received, elapsed_us, steps], dtype=torch.int64)
+        self._work = self.dist.all_reduce_max_async(self._buf)
         return self.agreed
 
     def close(self) -> None:
@@ -99,8 +122,7 @@ class Watchdog:
         self._store = None
         if self.timeout <= 0:
             return
-        if dist.world_size > 1:
-            self._store = _store(dist, self.timeout)
+        self._store = dist.make_store(self.timeout)
         self._thread = threading.Thread(target=self._run, name="distgan-watchdog", daemon=True)
         self._thread.start()
 
@@ -177,19 +199,3 @@ class Watchdog:
             except Exception:  # noqa: BLE001, S110
                 pass
         os._exit(EXIT_HUNG)
-
-
-def _store(dist, timeout: float):
-    """A TCPStore hosted by rank 0 on a free port (public API; independent of the launcher's own store)."""
-    from datetime import timedelta
-
-    from torch.distributed import TCPStore
-
-    host = os.environ.get("MASTER_ADDR", "127.0.0.1")
-    wait = timedelta(seconds=max(30.0, timeout))
-    if dist.is_main:
-        store = TCPStore("0.0.0.0", 0, dist.world_size, is_master=True, timeout=wait, wait_for_workers=False)
-        dist.broadcast_object(store.port)
-        return store
-    port = dist.broadcast_object(None)
-    return TCPStore(host, port, dist.world_size, is_master=False, timeout=wait)

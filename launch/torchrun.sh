@@ -24,6 +24,18 @@
 #   MAX_RESTARTS    restarts of all processes after a failure (default 0); each resumes from the last checkpoint
 #   TORCHRUN        the torchrun command (default: torchrun on PATH, else python3 -m torch.distributed.run)
 #   TORCHRUN_ARGS   more torchrun options, e.g. "--log_dir logs"
+#
+# Exported to the training processes (shown at the start of the command line this prints):
+#   DISTGAN_EXPECT_GPUS  the GPUs visible here (0 when none). distgan refuses to start when it is above 0 and torch
+#                   sees no GPU, or when more processes than GPUs run here, instead of training on the CPU
+#                   without a word. One you export is kept (0: no check).
+#   GLOO_SOCKET_IFNAME   with NNODES > 1 and unless you exported one: the interface that routes to MASTER_ADDR
+#                   (`ip route get`; on the MASTER_ADDR machine itself, the interface holding that address).
+#                   distgan's gloo side group (small host-side agreements next to NCCL) otherwise binds to what
+#                   this machine's name resolves to, often 127.0.1.1 or a management network: a multi-machine
+#                   run hangs or crawls. When no interface can be trusted (MASTER_ADDR is a name that resolves to
+#                   loopback here, or the lookup fails) it stays unset and a warning says why: export it yourself.
+#   NCCL picks its own interfaces; export NCCL_SOCKET_IFNAME (e.g. ib0, or ^docker,lo) if it picks a wrong one.
 set -euo pipefail
 
 # shellcheck source=launch/gpus.sh
@@ -37,13 +49,16 @@ fail() {
 nnodes=${NNODES:-1}
 [[ "$nnodes" =~ ^[1-9][0-9]*$ ]] || fail "NNODES=$nnodes is not a positive integer"
 
+gpus=$(visible_gpus)
 if [[ -n "${NPROC_PER_NODE:-}" ]]; then
     nproc=$NPROC_PER_NODE
 else
-    nproc=$(visible_gpus)
+    nproc=$gpus
     [[ "$nproc" -gt 0 ]] || nproc=${CPU_PROCS:-2}
 fi
 [[ "$nproc" =~ ^[1-9][0-9]*$ ]] || fail "NPROC_PER_NODE=$nproc is not a positive integer"
+export DISTGAN_EXPECT_GPUS=${DISTGAN_EXPECT_GPUS:-$gpus}
+exported=(DISTGAN_EXPECT_GPUS="$DISTGAN_EXPECT_GPUS")
 
 args=(--nproc_per_node="$nproc" --max_restarts="${MAX_RESTARTS:-0}")
 if [[ "$nnodes" -eq 1 ]]; then
@@ -62,7 +77,17 @@ else
     else
         args+=(--rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$port" --rdzv_id="${RDZV_ID:-${SLURM_JOB_ID:-distgan}}")
     fi
+    if [[ -z "${GLOO_SOCKET_IFNAME:-}" ]]; then
+        if ifname=$(gloo_ifname "$MASTER_ADDR"); then
+            export GLOO_SOCKET_IFNAME=$ifname
+        else
+            echo "launch/torchrun.sh: warning: GLOO_SOCKET_IFNAME left unset: $ifname; gloo binds to what this" \
+                "machine's name resolves to. Export GLOO_SOCKET_IFNAME=<interface> (one the other machines reach)" >&2
+        fi
+    fi
 fi
+
+[[ -z "${GLOO_SOCKET_IFNAME:-}" ]] || exported+=(GLOO_SOCKET_IFNAME="$GLOO_SOCKET_IFNAME")
 
 if [[ -n "${TORCHRUN:-}" ]]; then
     read -ra launcher <<<"$TORCHRUN"
@@ -74,5 +99,5 @@ fi
 read -ra extra <<<"${TORCHRUN_ARGS:-}"
 
 cmd=("${launcher[@]}" "${args[@]}" "${extra[@]}" -m distgan.train "$@")
-echo "launch/torchrun.sh: ${cmd[*]}" >&2
+echo "launch/torchrun.sh: ${exported[*]} ${cmd[*]}" >&2
 exec "${cmd[@]}"

@@ -3,6 +3,7 @@
 #
 #   sbatch slurm/train.sh CONFIG [KEY=VALUE ...] [--run-dir DIR]
 #   sbatch --nodes=4 --gpus-per-node=8 --cpus-per-task=64 --time=24:00:00 slurm/train.sh configs/default.yaml
+#   sbatch --nodes=2 --gres=gpu:4 slurm/train.sh configs/default.yaml   # also fine where nodes have 4 and 2
 #   NPROC_PER_NODE=2 sbatch slurm/train.sh configs/smoke.yaml        # 2 CPU processes (gloo) on a CPU node
 #
 # Time, partition, account, nodes and GPUs are ordinary sbatch options; the #SBATCH lines below are defaults
@@ -10,16 +11,30 @@
 #
 # What it does:
 #   1. finds python (DISTGAN_PYTHON, else the active virtualenv, else this repository's .venv, else python3)
-#   2. sizes the job from SLURM's environment: one launcher (torchrun) per task, i.e. per node, each starting
-#      NPROC_PER_NODE processes, else one per GPU of the node, else one (a CPU node)
-#   3. starts the launchers with srun; they meet in a c10d rendezvous on the first node of the job
+#   2. sizes the job from SLURM's environment: one launcher (torchrun, slurm/launch_node.py) per task, i.e. per
+#      node, each starting NPROC_PER_NODE processes, else one per GPU of ITS node, else one (a CPU node). Each
+#      node's launcher counts its own GPUs (this script passes --nproc-per-node=gpus): SLURM_GPUS_ON_NODE, else
+#      SLURM_GPUS_PER_NODE ("4", "a100:4", "a100:2,v100:1"), else CUDA_VISIBLE_DEVICES, else nvidia-smi. This
+#      shell runs on the first node only, so its own count (in its log line) is that node's.
+#   3. starts the launchers with srun; they meet in a c10d rendezvous on the first node of the job. Each launcher
+#      exports to its training processes:
+#        DISTGAN_EXPECT_GPUS=<its node's GPU count> (0 on a CPU node): distgan refuses to start when it is above 0
+#          and torch sees no GPU, or when more processes than GPUs run on a node, rather than train on the CPU
+#          without a word (a broken driver, a wrong CUDA build). Export it yourself to override (0: no check).
+#        GLOO_SOCKET_IFNAME=<the interface that routes to the rendezvous host>, unless you exported one: distgan's
+#          gloo side group (small host-side agreements next to NCCL) otherwise binds to what the host name
+#          resolves to, often 127.0.1.1 or a management network: a multi-node job hangs or crawls. Where none can
+#          be trusted it stays unset with a warning: then export GLOO_SOCKET_IFNAME=<iface> yourself (sbatch
+#          passes your environment to every node). NCCL picks its own interfaces; set NCCL_SOCKET_IFNAME (e.g.
+#          ib0, or ^docker,lo to exclude) if it picks a wrong one.
 #   4. on SIGUSR1 (`--signal=B:USR1@120`: 120 s before the time limit, or a preemption notice) it asks the
 #      trainer to checkpoint at the next step boundary, and once every rank has committed that checkpoint
 #      (the trainer exits 3) it requeues the job: the requeued job resumes from it in the same run dir, appends
 #      to the same log and continues the same W&B run. A job that ends any other way is not requeued.
 #
 # Environment it reads: NPROC_PER_NODE, DISTGAN_PYTHON, MASTER_PORT (rendezvous port; default derived from the
-# job id), DISTGAN_HOME (the repository, if SLURM cannot tell), DISTGAN_DRY_RUN=1 (print the launch and exit).
+# job id), DISTGAN_HOME (the repository, if SLURM cannot tell), DISTGAN_DRY_RUN=1 (print the launch and exit);
+# and passes on: GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME, DISTGAN_EXPECT_GPUS (see 3.).
 #
 #SBATCH --job-name=distgan
 #SBATCH --nodes=1
@@ -28,8 +43,13 @@
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=%x-%j.out
+#SBATCH --cpus-per-task=8
 # (one task per node: the task is that node's launcher, which starts the node's training processes itself;
-#  B:USR1 goes to this script only, which relays it; append: a requeued job keeps the job id, so the log too)
+#  B:USR1 goes to this script only, which relays it; append: a requeued job keeps the job id, so the log too.
+#  --cpus-per-task: the CPUs of that one task are all the node's processes get: every rank wants one, plus one
+#  per data loader worker (data.workers). SLURM's default is 1, which can bind a node's launcher, all its ranks
+#  and their workers to one CPU. 8 suits 1-2 GPUs per node and fits nearly every GPU node; give more for more
+#  GPUs (e.g. --cpus-per-task=64 on an 8-GPU node). A node with fewer CPUs refuses the job: pass a smaller one.)
 
 set -euo pipefail
 
@@ -117,27 +137,27 @@ launchers=${SLURM_NTASKS:-$nnodes}
 
 # shellcheck source=launch/gpus.sh
 source "$repo/launch/gpus.sh"
-gpus_on_node() {  # the GPUs this job has on this node: what SLURM says, else what is visible
-    if [[ -n ${SLURM_GPUS_ON_NODE:-} ]]; then
-        echo "$SLURM_GPUS_ON_NODE"
-    elif [[ -n ${SLURM_GPUS_PER_NODE:-} ]]; then
-        echo "${SLURM_GPUS_PER_NODE##*:}"  # "4", "a100:4" or "gpu:a100:4"
-    else
-        visible_gpus
-    fi
-}
-gpus=$(gpus_on_node)
+# This node's GPUs ("2 SLURM_GPUS_ON_NODE=2"). This shell runs on the job's first node only, so this count is
+# that node's: it is logged and checked here, but every node's launcher counts its own (--nproc-per-node=gpus,
+# replaced in launch_node.py), or a job with 4 GPUs on one node and 2 on another would start 4 on both.
+read -r gpus gpus_from < <(node_gpus)
 if [[ -n ${NPROC_PER_NODE:-} ]]; then
     nproc=$NPROC_PER_NODE
+    nproc_arg=$nproc
     why="NPROC_PER_NODE"
-elif ((gpus > 0)); then
-    nproc=$gpus
-    why="one per GPU"
 else
-    nproc=1  # a CPU node: one process uses all the task's cores (distgan sets torch's threads to them)
-    why="no GPU: one CPU process; NPROC_PER_NODE=N for N"
+    nproc_arg=gpus
+    if ((gpus > 0)); then
+        nproc=$gpus
+        why="one per GPU, here $gpus_from; each node's launcher counts its own"
+    else
+        nproc=1  # a CPU node: one process uses all the task's cores (distgan sets torch's threads to them)
+        why="no GPU here, one CPU process; each node's launcher counts its own; NPROC_PER_NODE=N for N"
+    fi
 fi
 [[ $nproc =~ ^[1-9][0-9]*$ ]] || die "processes per node must be a positive integer, got '$nproc' ($why)"
+world=$((launchers * nproc))
+[[ -n ${NPROC_PER_NODE:-} || $launchers == 1 ]] || world="$world if every node is like this one"
 if ((gpus > 0 && launchers > nnodes)); then
     die "$launchers tasks on $nnodes node(s): each task is one node's launcher and takes every GPU of its node; " \
         "submit with --ntasks-per-node=1 (the default of this script)"
@@ -157,6 +177,12 @@ port=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000))}
 # release notes); without it a launcher and all its processes may be bound to one CPU on a cluster with task
 # binding.
 [[ -n ${SLURM_CPUS_PER_TASK:-} ]] && export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
+cpus=${SLURM_CPUS_PER_TASK:-}
+cpus_from="--cpus-per-task"
+if [[ -z $cpus ]]; then  # no --cpus-per-task at all (a site's submit filter may drop it): what the node gave us
+    cpus=${SLURM_CPUS_ON_NODE:-1}
+    cpus_from="SLURM_CPUS_ON_NODE"
+fi
 
 # --kill-on-bad-exit=0: a node whose ranks exit 3 first must not get the others killed while they finish;
 # --wait: but once one launcher has ended, the others get 2 minutes, not the 30 a collective would wait for a
@@ -164,14 +190,19 @@ port=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000))}
 launch=(
     srun --ntasks="$launchers" --kill-on-bad-exit=0 --wait=120
     "$python" -u "$repo/slurm/launch_node.py"
-    --nnodes="$launchers" --nproc-per-node="$nproc" --max-restarts=0
+    --nnodes="$launchers" --nproc-per-node="$nproc_arg" --max-restarts=0
     --rdzv-backend=c10d --rdzv-endpoint="$head_addr:$port" --rdzv-id="distgan-$SLURM_JOB_ID"
     -m distgan.train --config "$config" "$@"
 )
 attempt=${SLURM_RESTART_COUNT:-0}
-log "job $SLURM_JOB_ID attempt $attempt on ${nodes[*]}: $launchers launcher(s) x $nproc process(es) ($why)," \
-    "world $((launchers * nproc)), rendezvous $head_addr:$port"
-log "python $python; working directory $PWD"
+log "job $SLURM_JOB_ID attempt $attempt on ${nodes[*]}: $launchers launcher(s) x $nproc process(es) per node" \
+    "($why), world $world, rendezvous $head_addr:$port"
+log "python $python; working directory $PWD; $cpus CPU(s) per task ($cpus_from)"
+if ((cpus < nproc)); then
+    # Only the ranks are counted (data.workers is in the config, not cheap to read here): a floor, not a target.
+    log "warning: $cpus CPU(s) per task for $nproc process(es) per node: the ranks (and their data loader" \
+        "workers) share them; submit with --cpus-per-task=N, N at least processes x (1 + data.workers)"
+fi
 log "running: ${launch[*]}"
 if [[ -n ${DISTGAN_DRY_RUN:-} ]]; then
     log "DISTGAN_DRY_RUN is set: not started"

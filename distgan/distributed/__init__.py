@@ -30,13 +30,24 @@ import torch
 from torch import nn
 
 from distgan import launcher
+from distgan.distributed import strict
 from distgan.distributed.nets import TorchNet
 from distgan.errors import LaunchError
 
 
 @dataclass
 class Dist:
-    """What the trainer knows about the process group."""
+    """What the trainer knows about the process group, and the only way it talks to the other ranks.
+
+    Two groups, two kinds of agreement:
+    - the default group (NCCL on GPUs, gloo on a CPU) carries tensors of the training device: gradients (inside DDP
+      and DeepSpeed), the path-length mean, the stats of a log interval, BatchNorm statistics. Its tensors must be
+      on `group_device` (NCCL takes CUDA tensors only): `all_reduce_sum` and `all_reduce_mean` put them there.
+    - the control group (gloo, on the host) carries small host-side agreements: stop flags, Python objects
+      (checkpoint reports, data errors, metric features), barriers. Agreeing on them never waits for a GPU.
+    Nothing outside this package calls torch.distributed (tests/unit/test_collectives.py checks the source), and
+    `DISTGAN_EMULATE_NCCL=1` makes a CPU run refuse what NCCL would refuse (strict.py).
+    """
 
     accelerator: Any
     rank: int
@@ -45,21 +56,34 @@ class Dist:
     device: torch.device
     launcher_name: str
     threads: int
-    control: Any = None  # a gloo group for small CPU-side agreements (the default group itself on CPU)
+    control: Any = None  # the gloo group for host-side agreements (None in a world of one)
+    group_device: torch.device | None = None  # where default-group tensors live: `device` under NCCL, cpu under gloo
+    local_world_size: int = 1
+
+    def __post_init__(self):
+        if self.group_device is None:
+            self.group_device = self.device if self.device.type == "cuda" else torch.device("cpu")
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def is_local_main(self) -> bool:
+        return self.local_rank == 0
+
     # -------------------------------------------------------------- models
-    def make_net(self, name: str, module: nn.Module, optimizer, strategy: str, precision: str, micro_batch: int):
-        """The trainer's handle on one network under `strategy` (resolved: ddp, zero1, zero2); see nets.py."""
+    def make_net(self, name: str, module: nn.Module, optimizer, strategy: str, precision: str, micro_batch: int,
+                 accum: int = 1, scaler=None):  # fmt: skip
+        """The trainer's handle on one network under `strategy` (resolved: ddp, zero1, zero2); see nets.py.
+
+        micro_batch: images per forward on this rank; accum: micro-batches whose gradients make one step."""
         module = module.to(self.device)
         if strategy.startswith("zero"):
             from distgan.distributed.zero import ZeroNet  # imports deepspeed: only when asked for
 
-            return ZeroNet(name, module, optimizer, int(strategy[4:]), precision, micro_batch, self.device)
-        return TorchNet(name, module, optimizer, self._ddp(module))
+            return ZeroNet(name, module, optimizer, int(strategy[4:]), precision, micro_batch, self.device, accum)
+        return TorchNet(name, module, optimizer, self._ddp(module), scaler=scaler, accum=accum)
 
     def _ddp(self, module: nn.Module) -> nn.Module:
         """With several processes, wrap in DDP (gradients all-reduced in backward)."""
@@ -77,15 +101,31 @@ class Dist:
         """Context in which a DDP module's backward does not all-reduce (a no-op for an unwrapped module)."""
         return module.no_sync() if hasattr(module, "no_sync") else contextlib.nullcontext()
 
-    # -------------------------------------------------------------- collectives
+    # -------------------------------------------------------------- the default group: device tensors
+    def group_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` on the default group's device (itself when it is there already)."""
+        return strict.mark_placed(tensor.to(self.group_device, non_blocking=True))
+
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum over ranks, in place; returns the tensor."""
+        """Sum over ranks, in place (through the group's device); returns the tensor."""
         if self.world_size > 1:
-            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+            buf = self.group_tensor(tensor)
+            torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.SUM)
+            if buf is not tensor:
+                tensor.copy_(buf)
         return tensor
 
     def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.all_reduce_sum(tensor).div_(self.world_size)
+
+    # -------------------------------------------------------------- the control group: host agreements
+    def host_sum(self, value: float) -> float:
+        """Sum of a host number over ranks (control group; blocking)."""
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM, group=self.control)
+        return float(t[0])
 
     def all_reduce_max_async(self, tensor: torch.Tensor):
         """Start a max over ranks of a CPU tensor on the control group; `.wait()` the returned work."""
@@ -97,25 +137,60 @@ class Dist:
         if self.world_size == 1:
             return [obj]
         out: list[Any] = [None] * self.world_size
-        torch.distributed.all_gather_object(out, obj)
+        torch.distributed.all_gather_object(out, obj, group=self.control)
         return out
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         if self.world_size == 1:
             return obj
         box = [obj]
-        torch.distributed.broadcast_object_list(box, src=src)
+        torch.distributed.broadcast_object_list(box, src=src, group=self.control)
         return box[0]
 
     def barrier(self) -> None:
+        """Every rank reaches this point (the control group: the host's, never the GPU's, progress)."""
         if self.world_size > 1:
-            torch.distributed.barrier()
+            torch.distributed.barrier(group=self.control)
 
     @contextlib.contextmanager
     def local_main_first(self):
-        """The first process of each node runs the block first (e.g. a download), the others after it."""
-        with self.accelerator.local_main_process_first():
+        """The first process of each node runs the block first, the node's others after it."""
+        yield from self._in_turns([not self.is_local_main])
+
+    @contextlib.contextmanager
+    def download_first(self):
+        """A block that may download into a folder several nodes share: rank 0 alone first, then the first process
+        of every other node (which finds the files if the folder is shared, else fetches its own copy), then the
+        rest. Once per job on a shared file system, never several processes into one folder at once."""
+        yield from self._in_turns([not self.is_main, not self.is_local_main])
+
+    def _in_turns(self, waits: list[bool]):
+        # One barrier per entry of `waits`; this rank runs the block after the barriers up to its first False entry
+        # (after all of them if there is none), and meets the remaining ones after it: every rank meets every
+        # barrier once, also when its block raises (the others then run theirs and fail or succeed on their own).
+        turn = next((i for i, wait in enumerate(waits) if not wait), len(waits))
+        for _ in range(turn):
+            self.barrier()
+        try:
             yield
+        finally:
+            for _ in range(turn, len(waits)):
+                self.barrier()
+
+    def make_store(self, timeout_s: float):
+        """A small key-value store hosted by rank 0 on a free port, for the watchdog (None in a world of one)."""
+        if self.world_size == 1:
+            return None
+        from torch.distributed import TCPStore
+
+        host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+        wait = datetime.timedelta(seconds=max(30.0, timeout_s))
+        if self.is_main:
+            store = TCPStore("0.0.0.0", 0, self.world_size, is_master=True, timeout=wait, wait_for_workers=False)
+            self.broadcast_object(store.port)
+            return store
+        port = self.broadcast_object(None)
+        return TCPStore(host, port, self.world_size, is_master=False, timeout=wait)
 
     def describe(self, precision: str, strategy: str = "ddp") -> str:
         backend = torch.distributed.get_backend() if self.world_size > 1 else "none"
@@ -130,44 +205,112 @@ class Dist:
             torch.distributed.destroy_process_group()
 
 
-def _join_elastic_attempt(use_cpu: bool, timeout_s: float) -> None:
-    """Under torchrun, start the process group in a namespace of this restart attempt's own.
+def _start_group(use_cpu: bool, timeout_s: float, local_rank: int) -> None:
+    """Start the default process group ourselves (Accelerate then finds it started and uses it).
 
-    torchrun keeps one store for the whole job, and after `--max-restarts` restarts the workers of the new attempt
-    found the dead attempt's gloo addresses in it (measured with torch 2.14: 3-4 of 5 restarts failed to connect
-    or hung). Prefixing every key with the attempt number gives each attempt a clean namespace. Accelerate then
-    finds the group started and uses it. Other launchers are left to Accelerate.
+    Why not leave it to Accelerate: NCCL must be bound to this process's GPU when it starts (`device_id`), so that
+    its communicator is created for the right device and no collective or barrier ever has to guess the GPU from
+    the rank; Accelerate's `InitProcessGroupKwargs` cannot say that. And under torchrun each restart attempt gets
+    a store namespace of its own: torchrun keeps one store for the whole job, and after `--max-restarts` restarts
+    the workers of the new attempt found the dead attempt's gloo addresses in it (measured with torch 2.14: 3-4 of
+    5 restarts failed to connect or hung). Prefixing every key with the attempt number gives each attempt a clean
+    namespace.
     """
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "TORCHELASTIC_RESTART_COUNT" not in os.environ:
-        return
-    from torch.distributed import PrefixStore, TCPStore
-
     timeout = datetime.timedelta(seconds=timeout_s)
     world, rank = launcher.world_size(), launcher.rank()
-    store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, False, timeout)
-    attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
-    backend = "gloo" if use_cpu else "nccl"
+    backend, device_id = "gloo", None
     if not use_cpu:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    torch.distributed.init_process_group(
-        backend, store=PrefixStore(f"distgan/attempt_{attempt}", store), rank=rank, world_size=world, timeout=timeout
+        torch.cuda.set_device(local_rank)
+        backend, device_id = "nccl", torch.device("cuda", local_rank)
+    store = None
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and "TORCHELASTIC_RESTART_COUNT" in os.environ:
+        from torch.distributed import PrefixStore, TCPStore
+
+        agent = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, False, timeout)
+        store = PrefixStore(f"distgan/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", agent)
+    kwargs = {"device_id": device_id} if device_id is not None else {}
+    if store is not None:
+        torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout,
+                                             **kwargs)  # fmt: skip
+    else:
+        torch.distributed.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
+                                             timeout=timeout, **kwargs)  # fmt: skip
+
+
+def expected_gpus() -> int:
+    """GPUs the launcher meant this node to have: DISTGAN_EXPECT_GPUS (set by launch/torchrun.sh and
+    slurm/train.sh from their own count), else the entries of CUDA_VISIBLE_DEVICES when it names devices."""
+    raw = os.environ.get("DISTGAN_EXPECT_GPUS", "").strip()
+    if raw:
+        try:
+            return max(0, int(raw))
+        except ValueError:
+            raise LaunchError(f"DISTGAN_EXPECT_GPUS={raw!r} is not an integer") from None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None or not visible.strip() or visible.strip().startswith("-1") or visible == "NoDevFiles":
+        return 0
+    return len([v for v in visible.split(",") if v.strip()])
+
+
+def device_problem(expected: int, cuda_devices: int, local_processes: int) -> str | None:
+    """Why this launch cannot use the GPUs it was given (None when it can): a launcher that counted GPUs while
+    this process sees none would otherwise train on the CPU without a word, and two processes on one GPU are
+    refused by NCCL only once they first talk."""
+    if expected > 0 and cuda_devices == 0:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        return (
+            f"the launcher counted {expected} GPU(s) on this machine but this process sees none "
+            f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES={visible!r}): a CPU-only torch, a driver or "
+            "container problem; set CUDA_VISIBLE_DEVICES= to train on the CPU on purpose"
+        )
+    if cuda_devices > 0 and local_processes > cuda_devices:
+        return (
+            f"{local_processes} processes on this machine but {cuda_devices} GPU(s) visible: NCCL runs one process "
+            f"per GPU; launch at most {cuda_devices} per machine, or hide the GPUs (CUDA_VISIBLE_DEVICES=) to train "
+            "on the CPU"
+        )
+    return None
+
+
+def bf16_problem(precision: str, device: torch.device) -> str | None:
+    """train.precision=bf16 on a GPU without bfloat16 arithmetic (before Ampere): a config error before step 1
+    rather than an emulated, many times slower bf16 or a kernel error mid-run."""
+    if precision != "bf16" or device.type != "cuda":
+        return None
+    try:
+        supported = torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch before 2.4 has no including_emulation and reports native support only
+        supported = torch.cuda.is_bf16_supported()
+    if supported:
+        return None
+    name, (major, minor) = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
+    return (
+        f"train.precision=bf16 but {name} (compute capability {major}.{minor}) has no bfloat16 arithmetic; "
+        "use train.precision=fp16 (loss-scaled) or fp32"
     )
 
 
 def setup(precision: str = "fp32", threads: int = 0, deterministic: bool = False, timeout_s: float = 1800) -> Dist:
     """Start or join the process group for this launch and return the `Dist` handle."""
-    world = launcher.world_size()
+    world, local_world = launcher.world_size(), launcher.local_world_size()
     launcher.check_precision(precision)
-    use_cpu = not torch.cuda.is_available()
+    cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    problem = device_problem(expected_gpus(), cuda_devices, local_world)
+    if problem:
+        raise LaunchError(problem)
+    use_cpu = cuda_devices == 0
     if use_cpu:
         # Without this, `accelerate launch --multi_gpu` and torchrun on a CPU machine give N lone rank-0s.
         os.environ["ACCELERATE_USE_CPU"] = "true"
+    if strict.enabled():
+        strict.install()
 
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
+    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
     if world > 1 and not torch.distributed.is_initialized():
-        _join_elastic_attempt(use_cpu, timeout_s)
+        _start_group(use_cpu, timeout_s, local_rank)
 
     # Under an `accelerate launch` DeepSpeed config Accelerate would make itself a DeepSpeed front end (one model
     # per prepare, its own config rules, transformers imported). distgan builds the two engines itself
@@ -195,10 +338,15 @@ def setup(precision: str = "fp32", threads: int = 0, deterministic: bool = False
             f"(distributed type {accelerator.distributed_type}); each process would train alone. "
             "On CPU launch with `torchrun --nproc_per_node=N` or `accelerate launch --multi_gpu --num_processes N`"
         )
+    problem = bf16_problem(precision, accelerator.device)
+    if problem:
+        from distgan.errors import ConfigError
+
+        raise ConfigError(problem)
 
     if threads <= 0:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        threads = max(1, cores // launcher.local_world_size())
+        threads = max(1, cores // local_world)
     torch.set_num_threads(threads)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -207,11 +355,9 @@ def setup(precision: str = "fp32", threads: int = 0, deterministic: bool = False
     elif not use_cpu:
         torch.backends.cudnn.benchmark = True
 
-    control = None
-    if world > 1:
-        # Stop-signal flags are CPU ints: on CPU the default (gloo) group carries them; next to NCCL a gloo group
-        # does, so agreeing on them never waits for the GPU.
-        control = None if torch.distributed.get_backend() == "gloo" else torch.distributed.new_group(backend="gloo")
+    # Small host-side agreements (stop flags, objects, barriers) go through a gloo group of their own, on CPU too:
+    # so the CPU tests run the code path of a GPU job, where the default group is NCCL and takes CUDA tensors only.
+    control = torch.distributed.new_group(backend="gloo") if world > 1 else None
     return Dist(
         control=control,
         accelerator=accelerator,
@@ -221,4 +367,5 @@ def setup(precision: str = "fp32", threads: int = 0, deterministic: bool = False
         device=accelerator.device,
         launcher_name=launcher.name(),
         threads=threads,
+        local_world_size=local_world,
     )

@@ -6,7 +6,18 @@ what each forward is for:
     D(x)             a forward in D's own phase: its loss is backpropagated into D's own step
     D.penalty(x)     a forward whose input gradient is taken (R1, WGAN-GP; G's path length), create_graph=True
     D.frozen(x)      a forward while the *other* network trains (D in G's phase): no gradient reaches D
-    D.step(loss, scaler) -> gradient norm (non-finite: the update was skipped, identically on every rank)
+    D.backward(loss) accumulate the gradients of one micro-batch (reduced across ranks with the last one)
+    D.step()         -> (gradient norm, skipped): the update, skipped on the device when a gradient is not finite
+
+A step may take several micro-batches (train.batch_per_gpu smaller than a rank's share of the batch): each one's
+forwards and backward run inside `with D.micro_batch(i):`, and the gradients are reduced across ranks only in the
+last (DDP's no_sync before it; DeepSpeed counts its own accumulation boundary). Each network owns its loss scaler
+(fp16: G's and D's gradients overflow at different times; see precision.py).
+
+No host sync: the skip is decided on the device, from the gradient norm (fused Adam takes it as `found_inf` and
+leaves parameters and moments untouched, as GradScaler does under fp16), and the norm and the skip flag come back
+as device tensors, read by the host only at log intervals (the trainer). A GPU step therefore never waits for the
+host (tests/unit/test_host_syncs.py counts scalar reads during a step).
 
 Which module each of those goes through is the strategy's business (`TorchNet` here: DDP or a plain module;
 `ZeroNet` in zero.py: a DeepSpeed engine). Three rules, learned the hard way with DeepSpeed (ZeRO-2 crashes,
@@ -24,6 +35,8 @@ A violation raises `PhaseError` (a bug in the caller: exit code 1 with a traceba
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -35,11 +48,32 @@ class Net:
 
     strategy = "?"
 
-    def __init__(self, name: str, module: nn.Module, optimizer: torch.optim.Optimizer):
+    def __init__(self, name: str, module: nn.Module, optimizer: torch.optim.Optimizer, scaler=None, accum: int = 1):
         self.name = name
         self.module = module  # the plain nn.Module: EMA, samples, BatchNorm buffers, exports read it
         self.optimizer = optimizer  # the torch optimizer over the module's parameters (wrapped by ZeRO)
         self.params = list(module.parameters())
+        # The loss scaler of this network (a pass-through GradScaler unless fp16).
+        self.scaler = scaler if scaler is not None else torch.amp.GradScaler(self.params[0].device.type, enabled=False)
+        self.accum = accum  # micro-batches per step
+        self._last = True  # the current micro-batch is the last of its step: its backward reduces the gradients
+
+    @contextlib.contextmanager
+    def micro_batch(self, index: int):
+        """Forwards and backward of micro-batch `index` (0 .. accum-1) of a step of this network."""
+        self._last = index >= self.accum - 1
+        try:
+            with contextlib.nullcontext() if self._last else self._accumulating():
+                yield
+        finally:
+            self._last = True
+
+    def loss_scale(self) -> torch.Tensor | None:
+        """The factor a penalty's autograd.grad must scale by, as a device tensor (None when not loss scaling);
+        `scale()` of a one reads it without a host sync (GradScaler.get_scale() would sync)."""
+        if not self.scaler.is_enabled():
+            return None
+        return self.scaler.scale(torch.ones((), device=self.params[0].device))
 
     # ------------------------------------------------------------------ forwards by intent
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,9 +115,18 @@ class Net:
     def _penalty_forward(self, x):
         raise NotImplementedError
 
-    def step(self, loss: torch.Tensor, scaler: torch.amp.GradScaler) -> torch.Tensor:
-        """Backward (gradients synced across ranks), then the optimizer step unless a gradient is not finite.
-        Returns the gradient norm over all ranks; non-finite exactly when the update was skipped."""
+    def _accumulating(self):
+        """Context of a micro-batch that is not the last: its backward does not reduce across ranks."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradients of one micro-batch's loss (reduced across ranks with the last micro-batch)."""
+        raise NotImplementedError
+
+    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The optimizer step, skipped when a gradient is not finite (identically on every rank: the gradients were
+        reduced). Returns (the gradient norm over all ranks, 1.0 if the update was skipped else 0.0), both 0-dim
+        device tensors; the gradients are cleared for the next step."""
         raise NotImplementedError
 
     @property
@@ -116,8 +159,8 @@ class TorchNet(Net):
 
     strategy = "ddp"
 
-    def __init__(self, name, module, optimizer, wrapped: nn.Module):
-        super().__init__(name, module, optimizer)
+    def __init__(self, name, module, optimizer, wrapped: nn.Module, scaler=None, accum: int = 1):
+        super().__init__(name, module, optimizer, scaler, accum)
         self.wrapped = wrapped  # DDP(module), or the module itself in a world of one
 
     def _train_forward(self, x):
@@ -127,18 +170,27 @@ class TorchNet(Net):
         # Through DDP as well: only a forward through the wrapper arms its reducer for the coming backward.
         return self.wrapped(x)
 
-    def step(self, loss, scaler):
-        opt = self.optimizer
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
+    def _accumulating(self):
+        # DDP decides at the forward whether the coming backward reduces: the forwards of the micro-batch must run
+        # inside no_sync too, which is why micro_batch() is a context around forwards and backward.
+        return self.wrapped.no_sync() if hasattr(self.wrapped, "no_sync") else contextlib.nullcontext()
+
+    def backward(self, loss):
+        # The mean over the step's micro-batches: the same gradient as one batch of all of them.
+        self.scaler.scale(loss / self.accum if self.accum > 1 else loss).backward()
+
+    def step(self):
+        opt, scaler = self.optimizer, self.scaler
+        scaler.unscale_(opt)  # (a no-op unless fp16)
         norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        skipped = (~torch.isfinite(norm)).float()  # under fp16 the same as GradScaler's found_inf
         if scaler.is_enabled():  # fp16: the scaler skips exactly the non-finite steps itself and lowers its scale
-            scaler.step(opt)
+            scaler.step(opt)  # (no host sync with a fused optimizer: it takes found_inf as a tensor)
             scaler.update()
-        elif torch.isfinite(norm):  # identical on every rank: the gradients were all-reduced
-            opt.step()
-        return norm
+        else:
+            step_unless(opt, skipped)
+        opt.zero_grad(set_to_none=True)
+        return norm, skipped
 
     def shared_state(self) -> dict:
         return {self.name: self.module.state_dict(), f"opt_{self.name}": self.optimizer.state_dict()}
@@ -146,3 +198,25 @@ class TorchNet(Net):
     def load(self, shared, read, names) -> None:
         self.module.load_state_dict(shared[self.name])
         self.optimizer.load_state_dict(shared[f"opt_{self.name}"])
+
+
+def make_adam(params, lr: float, betas: tuple[float, float], eps: float, device: torch.device):
+    """Adam for one network: fused (one kernel for all tensors, and a skip decided on the device through
+    `found_inf`) where this torch supports it on `device`, else foreach."""
+    try:
+        return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # an old torch, or a device without a fused kernel
+        return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, foreach=True)
+
+
+def step_unless(opt: torch.optim.Optimizer, skipped: torch.Tensor) -> None:
+    """opt.step(), or nothing where `skipped` (a 0-dim device tensor) is 1: decided on the device by a fused
+    optimizer (as GradScaler does with found_inf); other optimizers need the host to look (one sync)."""
+    if getattr(opt, "_step_supports_amp_scaling", False):  # torch's fused optimizers
+        opt.found_inf = skipped
+        try:
+            opt.step()
+        finally:
+            del opt.found_inf
+    elif not bool(skipped):
+        opt.step()

@@ -75,21 +75,30 @@ if os.environ["DS_ACCELERATOR"] == "cpu":
 BUCKET_ELEMENTS = 25 * 2**20 // 4
 
 
-def ds_config(stage: int, precision: str, micro_batch: int, on_gpu: bool, numel: int) -> dict:
-    """The DeepSpeed config of one engine (`numel`: its parameter count)."""
+# Keys of the DeepSpeed config that may differ between a CPU and a GPU run: none. The CPU tests that show ZeRO
+# equal to DDP bit for bit must run exactly the config a GPU job runs (tests/unit/test_strategy.py compares them).
+DEVICE_KEYS: frozenset[str] = frozenset()
+
+
+def ds_config(stage: int, precision: str, micro_batch: int, numel: int, accum: int = 1, device_type: str = "cpu"):
+    """The DeepSpeed config of one engine (`numel`: its parameter count) on a device of `device_type`."""
     bucket = max(1, min(numel, BUCKET_ELEMENTS))
     config = {
         "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": accum,
         "gradient_clipping": 0.0,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer calls torch.cuda.synchronize() around every forward and step by default: a
+        # host sync in every phase (distgan measures its own img/s at log intervals).
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
         "zero_optimization": {
             "stage": stage,
             "contiguous_gradients": True,
-            # Overlap the gradient reduction with the rest of the backward on GPUs (CUDA streams); on CPU there is
-            # nothing to overlap it with.
-            "overlap_comm": on_gpu,
+            # No overlap of the reduction with the backward: that path runs only on CUDA streams, so the CPU tests
+            # that check ZeRO against DDP would never run it (and upstream reports wrong gradients with it); with
+            # the bucket capped at the network's size there is one bucket, and nothing to overlap anyway.
+            "overlap_comm": False,
             "reduce_bucket_size": bucket,
             "allgather_bucket_size": bucket,
         },
@@ -137,12 +146,12 @@ class _InMemory(CheckpointEngine):
 class ZeroNet(Net):
     """One network as a DeepSpeed engine with ZeRO stage 1 or 2."""
 
-    def __init__(self, name, module, optimizer, stage: int, precision: str, micro_batch: int, device):
-        super().__init__(name, module, optimizer)
+    def __init__(self, name, module, optimizer, stage: int, precision: str, micro_batch: int, device, accum: int = 1):
+        super().__init__(name, module, optimizer, accum=accum)
         self.strategy = f"zero{stage}"
         _ensure_process_group(device)
         numel = sum(p.numel() for p in self.params)
-        config = ds_config(stage, precision, micro_batch, on_gpu=device.type == "cuda", numel=numel)
+        config = ds_config(stage, precision, micro_batch, numel=numel, accum=accum, device_type=device.type)
         engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
         assert engine.module is module  # the trainer's EMA, samples and BatchNorm averaging read this module
         self.engine = engine
@@ -157,14 +166,24 @@ class ZeroNet(Net):
         # engine's backward still reduces the gradients, through the hooks ZeRO put on the parameters.
         return self.module(x)
 
-    def step(self, loss, scaler):
+    def backward(self, loss):
+        # DeepSpeed divides the loss by its gradient_accumulation_steps itself, and counts micro-steps: every
+        # micro-batch but the last is followed by an engine step that only advances that count.
+        self.engine.backward(loss)
+        if not self._last:
+            self.engine.step()
+
+    def step(self):
         engine = self.engine
-        skipped = engine.skipped_steps
-        engine.backward(loss)
+        skipped_before = engine.skipped_steps
         engine.step()  # reduces (zero2: reduce-scatters) the gradients, skips when their norm is not finite
-        if engine.skipped_steps != skipped:
-            return torch.tensor(float("inf"))
-        return torch.as_tensor(float(engine.get_global_grad_norm()))
+        # DeepSpeed decided the skip on the host already (its overflow check reads the norm): no extra sync here.
+        device = self.params[0].device
+        skipped = torch.tensor(float(engine.skipped_steps != skipped_before), device=device)
+        norm = engine.get_global_grad_norm()
+        if not isinstance(norm, torch.Tensor):
+            norm = torch.tensor(float("inf") if norm is None else float(norm), device=device)
+        return norm.detach().float().reshape(()), skipped
 
     def rank_files(self) -> dict[str, bytes]:
         scratch = tempfile.mkdtemp(prefix="distgan-ds-")

@@ -135,22 +135,22 @@ def test_gradients_synced_once_per_phase():
 
 def _fp16_overflow_on_one_rank(rank, world):
     tr = make_trainer("train.precision=fp16")
-    tr.scaler_G = torch.amp.GradScaler("cpu", init_scale=8.0)
-    tr.scaler_D = torch.amp.GradScaler("cpu", init_scale=8.0)
+    tr.G.scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    tr.D.scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
     reals, latents, gen = tr.draw()
     tr.train_step(reals, latents, gen)  # a normal step at a safe scale
     before = {"G": flat(tr.G_module), "D": flat(tr.D_module)}
     reals, latents, gen = tr.draw()
-    reals = tr._to_float(reals)
+    reals = [tr._to_float(r) for r in reals]
     if rank == 1:
-        reals[0, 0] = 1e30  # only rank 1's D sees a poisoned real image -> inf gradients there
+        reals[0][0] = 1e30  # only rank 1's D sees a poisoned real image -> inf gradients there
     tr.train_step(reals, latents, gen)
     stats = tr.stats.reduce(tr.dist)
     return {
         "D_same": torch.equal(before["D"], flat(tr.D_module)),
         "G_same": torch.equal(before["G"], flat(tr.G_module)),
-        "D_scale": tr.scaler_D.get_scale(),
-        "G_scale": tr.scaler_G.get_scale(),
+        "D_scale": tr.D.scaler.get_scale(),
+        "G_scale": tr.G.scaler.get_scale(),
         "D": flat(tr.D_module),
         "G": flat(tr.G_module),
         "D_skipped": stats["D/skipped"],

@@ -1,6 +1,8 @@
-"""Two real gloo ranks training from shards: resume consumes exactly what the straight run would, data faults
-are summed over ranks and stop the run on every rank together."""
+"""Two real gloo ranks training from shards: resume consumes exactly what the straight run would (fewer shards
+than ranks x workers, and through the device prefetcher, included), data faults are summed over ranks and stop
+the run on every rank together."""
 
+import collections
 from pathlib import Path
 
 import pytest
@@ -16,9 +18,18 @@ def _shard_args(folder, *more):
     return ("data.source=shards", f"data.shards={folder}", "data.workers=2", "data.shuffle_buffer=7", *more)
 
 
-def _train_and_resume(rank, world, folder, first, second):
-    """Straight: first+second steps. Resumed: a new trainer from the state after `first`, then second steps."""
-    tr = make_trainer(*_shard_args(folder))
+def _train_and_resume(rank, world, folder, first, second, prefetch=False):
+    """Straight: first+second steps. Resumed: a new trainer from the state after `first`, then second steps.
+    prefetch: both trainers read through a Prefetcher (one batch pulled ahead when the checkpoint is saved)."""
+    from distgan.data.prefetch import Prefetcher
+
+    def trainer():
+        tr = make_trainer(*_shard_args(folder))
+        if prefetch:
+            tr.stream = Prefetcher(tr.stream, tr.device)
+        return tr
+
+    tr = trainer()
     keys_first = []
     for _ in range(first):
         tr.train_step(*tr.draw())
@@ -31,7 +42,7 @@ def _train_and_resume(rank, world, folder, first, second):
         straight.append(list(tr.stream.last_keys))
     tr.stream.close()
 
-    again = make_trainer(*_shard_args(folder))
+    again = trainer()
     again.load_checkpoint(path)
     resumed = []
     for _ in range(second):
@@ -60,6 +71,19 @@ def test_two_ranks_resume_from_shards_without_duplicates_or_gaps(tmp_path):
     assert sorted(epoch0) == [f"{i:08d}" for i in range(256)]
     # Control: the two ranks did get different samples.
     assert set(out[0]["first"][0]).isdisjoint(out[1]["first"][0])
+
+
+def test_three_shards_on_two_ranks_of_two_workers_through_the_prefetcher(tmp_path):
+    # 3 shards for 4 slots: no rank runs dry, and a round (4 epochs of shard visits: 3 visits of 16 samples per
+    # slot = 6 batches of 8, i.e. 12 steps with 2 workers per rank) reads every sample exactly 4 times. The
+    # checkpoint is saved with a batch pulled ahead by the prefetcher: the resumed run re-reads it.
+    write_shards(tmp_path, 3, 16, resolution=32)
+    out = run_ranks(_train_and_resume, 2, str(tmp_path), 7, 5, True)
+    for r in out:
+        assert r["resumed"] == r["straight"]
+        assert torch.equal(r["G"], r["G_resumed"])
+    counts = collections.Counter(k for r in out for step in r["first"] + r["straight"] for k in step)
+    assert counts == {f"{i:08d}": 4 for i in range(48)}
 
 
 def _bad_data_run(rank, world, folder):

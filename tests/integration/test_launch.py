@@ -123,14 +123,14 @@ def test_torchrun_streams_seven_shards_on_two_ranks_of_two_workers(tmp_path):
     ("shards", "message"),
     [
         ("missing", "no manifest.json in missing"),
-        ("one", "1 shard(s) for 2 ranks: a rank would get no data"),
+        ("small", "holds 16x16x3 images but the model is 32x32x3"),
         ("pipe:cat x.tar", "pipe: URL"),
     ],
 )
 def test_data_problems_are_one_line_and_exit_2_before_training(tmp_path, shards, message):
     from support import write_shards
 
-    write_shards(tmp_path / "one", 1, 8, resolution=32)
+    write_shards(tmp_path / "small", 2, 8, resolution=16)
     (tmp_path / "missing").mkdir()
     p = subprocess.run(
         [str(BIN / "torchrun"), "--nproc_per_node=2", "-m", "distgan.train", "--config", SMOKE, "--run-dir", "run",

@@ -192,6 +192,8 @@ def test_torchrun_wrapper_multi_node_c10d_on_loopback(tmp_path):
     cmd = [WRAPPER, "--config", SMOKE, "--run-dir", "run"]
     outs = run_pair([cmd, cmd], tmp_path, ({**node, "RDZV_ID": "t"}, {**node, "RDZV_ID": "t"}))
     assert all("--nnodes=2" in o and "--rdzv_backend=c10d" in o for o in outs)
+    # gloo bound to the interface that reaches MASTER_ADDR: loopback here; no GPU visible, none expected.
+    assert all("launch/torchrun.sh: DISTGAN_EXPECT_GPUS=0 GLOO_SOCKET_IFNAME=lo " in o for o in outs), outs[0][-2000:]
     assert sum("launcher=torchrun backend=gloo world=2" in o for o in outs) == 1  # one of them got rank 0
     check_two_rank_run(tmp_path / "run", "torchrun")
 
@@ -209,11 +211,45 @@ def test_torchrun_wrapper_refuses_bad_settings_before_starting_anything(tmp_path
     assert p.returncode == 2 and p.stderr.strip() == f"launch/torchrun.sh: error: {message}", p.stderr
 
 
-def test_torchrun_wrapper_counts_visible_gpus(tmp_path):
-    # The GPU count decides nproc without importing torch; a fake torchrun shows the command it was given.
+# A fake torchrun: the command it was given and the environment the training processes would inherit from it.
+FAKE_TORCHRUN = """#!PYTHON
+import os, sys
+print('ARGS', *sys.argv[1:])
+print('ENV', *(f"{k}={os.environ.get(k)}" for k in ("DISTGAN_EXPECT_GPUS", "GLOO_SOCKET_IFNAME")))
+""".replace("PYTHON", sys.executable, 1)
+
+
+def fake_torchrun(tmp_path) -> str:
     fake = tmp_path / "fake_torchrun"
-    fake.write_text(f"#!{sys.executable}\nimport sys; print('ARGS', *sys.argv[1:])\n")
+    fake.write_text(FAKE_TORCHRUN)
     fake.chmod(0o755)
-    for visible, nproc in (("0,1,2", "3"), ("", "2"), ("-1", "2")):
-        out = run([WRAPPER, "--config", SMOKE], tmp_path, TORCHRUN=str(fake), CUDA_VISIBLE_DEVICES=visible)
+    return str(fake)
+
+
+def test_torchrun_wrapper_counts_visible_gpus(tmp_path):
+    # The GPU count decides nproc without importing torch, and is exported as DISTGAN_EXPECT_GPUS (0 without
+    # GPUs, also where CPU_PROCS processes run): distgan refuses to start without the GPUs it was counted.
+    fake = fake_torchrun(tmp_path)
+    for visible, nproc, gpus in (("0,1,2", "3", "3"), ("", "2", "0"), ("-1", "2", "0"), ("NoDevFiles", "2", "0")):
+        out = run([WRAPPER, "--config", SMOKE], tmp_path, TORCHRUN=fake, CUDA_VISIBLE_DEVICES=visible)
         assert f"ARGS --nproc_per_node={nproc} " in out, (visible, out)
+        assert f"ENV DISTGAN_EXPECT_GPUS={gpus} GLOO_SOCKET_IFNAME=None" in out, (visible, out)
+        assert f"launch/torchrun.sh: DISTGAN_EXPECT_GPUS={gpus} {fake} --nproc_per_node={nproc} " in out, out
+    # NPROC_PER_NODE does not change what is expected: 4 processes on 2 GPUs are distgan's to refuse.
+    out = run([WRAPPER, "--config", SMOKE], tmp_path, TORCHRUN=fake, CUDA_VISIBLE_DEVICES="0,1", NPROC_PER_NODE="4")
+    assert "ARGS --nproc_per_node=4 " in out and "ENV DISTGAN_EXPECT_GPUS=2 " in out, out
+
+
+def test_torchrun_wrapper_sets_gloo_interface_for_several_machines_only(tmp_path):
+    fake = fake_torchrun(tmp_path)
+    several = {"NNODES": "2", "MASTER_ADDR": "127.0.0.1", "TORCHRUN": fake}
+    # One machine: gloo's default is fine, nothing set.
+    out = run([WRAPPER, "--config", SMOKE], tmp_path, TORCHRUN=fake)
+    assert "GLOO_SOCKET_IFNAME=None" in out and "GLOO_SOCKET_IFNAME=" not in out.split("ENV")[0], out
+    # Several: the interface of the route to MASTER_ADDR (loopback here), in the start line too.
+    out = run([WRAPPER, "--config", SMOKE], tmp_path, **several)
+    assert "ENV DISTGAN_EXPECT_GPUS=0 GLOO_SOCKET_IFNAME=lo" in out, out
+    assert "launch/torchrun.sh: DISTGAN_EXPECT_GPUS=0 GLOO_SOCKET_IFNAME=lo " in out, out
+    # What the user exported is kept, both of them.
+    out = run([WRAPPER, "--config", SMOKE], tmp_path, **several, GLOO_SOCKET_IFNAME="ib7", DISTGAN_EXPECT_GPUS="0")
+    assert "ENV DISTGAN_EXPECT_GPUS=0 GLOO_SOCKET_IFNAME=ib7" in out and "warning" not in out, out

@@ -59,7 +59,7 @@ def _exe(prog: str) -> str:
     return shutil.which(prog) or str(Path("/usr/sbin", prog))
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -196,8 +196,8 @@ class Cluster:
         lines = f"""
             ClusterName=distgantest
             SlurmctldHost={self.controller[0]}({self.controller[1]})
-            SlurmctldPort={_free_port()}
-            SlurmdPort={_free_port()}
+            SlurmctldPort={free_port()}
+            SlurmdPort={free_port()}
             SlurmUser=root
             SlurmdUser=root
             AuthType=auth/munge

@@ -63,10 +63,15 @@ def job_env(cluster, **extra: str) -> dict[str, str]:
     return env
 
 
-def sbatch(cluster, cwd: Path, sbatch_args: list[str], script_args: list[str], **env: str) -> int:
+def sbatch(cluster, cwd: Path, sbatch_args: list[str], script_args: list[str], script: str = SCRIPT, **env: str) -> int:
+    # The test node has 2 CPUs and EnforcePartLimits=ALL: the script's default --cpus-per-task=8 is refused at
+    # submission, so a job here asks for 1 (SLURM's own default, what every job here had before that line)
+    # unless the test says otherwise. Two tasks per node (two launchers) then still fit.
+    if not any(a.startswith(("--cpus-per-task", "-c")) for a in sbatch_args):
+        sbatch_args = ["--cpus-per-task=1", *sbatch_args]
     cwd.mkdir(parents=True, exist_ok=True)
     p = subprocess.run(
-        ["sbatch", "--parsable", *sbatch_args, SCRIPT, *script_args],
+        ["sbatch", "--parsable", *sbatch_args, script, *script_args],
         cwd=cwd, env=job_env(cluster, **env), capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert p.returncode == 0, f"sbatch failed: {p.stderr}"
@@ -182,13 +187,16 @@ def test_job_with_a_missing_config_fails_with_exit_2(cluster, tmp_path):
 
 def test_sizes_come_from_slurm(cluster, tmp_path):
     """Dry runs (DISTGAN_DRY_RUN=1: the script prints its launch and exits): processes per node from
-    NPROC_PER_NODE, else the job's GPUs (the test cluster has 2 that do not exist), else 1; the head node and
-    port; the python. More than one launcher per node with GPUs is refused."""
+    NPROC_PER_NODE, else this node's GPUs (the test cluster has 2 that do not exist), else 1, logged as a count per
+    node while each node's launcher gets --nproc-per-node=gpus to count its own; the head node and port; the CPUs
+    per task and a warning when they are fewer than the processes; the python. More than one launcher per node
+    with GPUs is refused."""
     cases = {
         "cpu": ([], {}),
         "gres": (["--gres=gpu:2"], {}),
         "gpus-per-node": (["--gpus-per-node=1"], {}),
-        "nproc": (["--gres=gpu:2"], {"NPROC_PER_NODE": "3", "MASTER_PORT": "23456"}),
+        "nproc": (["--gres=gpu:2", "--cpus-per-task=2"], {"NPROC_PER_NODE": "3", "MASTER_PORT": "23456"}),
+        "two-tasks-cpu": (["--ntasks-per-node=2"], {}),
         "two-tasks-gpus": (["--ntasks-per-node=2", "--gres=gpu:2"], {}),
         "python": ([], {"DISTGAN_PYTHON": ""}),
     }
@@ -200,23 +208,94 @@ def test_sizes_come_from_slurm(cluster, tmp_path):
         logs[name] = job_log(tmp_path, job)
 
     def sizes(name):
-        found = re.search(r"(\d+) launcher\(s\) x (\d+) process\(es\) \(([^)]*)\), world (\d+), rendezvous (\S+)",
-                          logs[name])  # fmt: skip
+        found = re.search(r"(\d+) launcher\(s\) x (\d+) process\(es\) per node \(([^)]*)\), world ([^,]+), "
+                          r"rendezvous (\S+)", logs[name])  # fmt: skip
         assert found and infos[name]["ExitCode"] == "0:0", logs[name]
-        return int(found[1]), int(found[2]), found[3], int(found[4]), found[5]
+        return int(found[1]), int(found[2]), found[3], found[4], found[5]
 
-    assert sizes("cpu")[:4] == (1, 1, "no GPU: one CPU process; NPROC_PER_NODE=N for N", 1)
+    counted = "each node's launcher counts its own"
+    assert sizes("cpu")[:4] == (1, 1, f"no GPU here, one CPU process; {counted}; NPROC_PER_NODE=N for N", "1")
     assert sizes("cpu")[4] == f"127.0.0.1:{20000 + jobs['cpu'] % 10000}"  # the head's NodeAddr, port from job id
-    assert sizes("gres")[:4] == (1, 2, "one per GPU", 2)
-    assert sizes("gpus-per-node")[:4] == (1, 1, "one per GPU", 1)
-    assert sizes("nproc") == (1, 3, "NPROC_PER_NODE", 3, "127.0.0.1:23456")
+    assert sizes("gres")[:4] == (1, 2, f"one per GPU, here SLURM_GPUS_ON_NODE=2; {counted}", "2")
+    assert sizes("gpus-per-node")[:4] == (1, 1, f"one per GPU, here SLURM_GPUS_ON_NODE=1; {counted}", "1")
+    assert sizes("two-tasks-cpu")[:4] == (2, 1, f"no GPU here, one CPU process; {counted}; NPROC_PER_NODE=N for N",
+                                          "2 if every node is like this one")  # fmt: skip
+    assert sizes("nproc") == (1, 3, "NPROC_PER_NODE", "3", "127.0.0.1:23456")
+    # Without NPROC_PER_NODE every node's launcher counts its own GPUs (the sentinel), CPU nodes included.
+    for name in ("cpu", "gres", "gpus-per-node"):
+        assert "--nnodes=1 --nproc-per-node=gpus " in logs[name], logs[name]
+    assert "--nnodes=2 --nproc-per-node=gpus " in logs["two-tasks-cpu"], logs["two-tasks-cpu"]
     assert "--nnodes=1 --nproc-per-node=3" in logs["nproc"] and f"--rdzv-id=distgan-{jobs['nproc']}" in logs["nproc"]
+    # CPUs per task: what the job got, and a warning when fewer than the processes of a node.
+    assert "; 1 CPU(s) per task (--cpus-per-task)" in logs["cpu"] and "warning" not in logs["cpu"]
+    assert "; 2 CPU(s) per task (--cpus-per-task)" in logs["nproc"], logs["nproc"]
+    assert "warning: 2 CPU(s) per task for 3 process(es) per node" in logs["nproc"], logs["nproc"]
     assert infos["two-tasks-gpus"]["ExitCode"] == "2:0", logs["two-tasks-gpus"]
     assert "each task is one node's launcher and takes every GPU" in logs["two-tasks-gpus"]
     # Without DISTGAN_PYTHON (and no virtualenv active): this repository's .venv, as `make install` makes it.
     venv = REPO / ".venv" / "bin" / "python"
     if venv.exists():
         assert f"python {venv};" in logs["python"], logs["python"]
+
+
+def test_cpus_per_task_default(cluster, tmp_path):
+    """The script asks for 8 CPUs per task unless told otherwise (sbatch -v shows what it read from the #SBATCH
+    line). This test node has 2, so SLURM (EnforcePartLimits=ALL) refuses the job at submission, which is why
+    every other job here passes --cpus-per-task; on a node with 8 or more the dry run reports them."""
+    p = subprocess.run(["sbatch", "-v", "--parsable", SCRIPT, SMOKE], cwd=tmp_path, capture_output=True, text=True,
+                       env=job_env(cluster, DISTGAN_DRY_RUN="1"), timeout=60)  # fmt: skip
+    assert re.search(r"cpus-per-task\s*: 8\b", p.stderr), p.stderr
+    cpus = int(slurm_cluster.node_hardware()["CPUs"])
+    if cpus < 8:
+        assert p.returncode != 0 and "More processors requested than permitted" in p.stderr, p.stderr
+    else:
+        job = int(p.stdout.strip().split(";")[0])
+        wait_job(cluster, job, tmp_path, timeout=120)
+        assert "; 8 CPU(s) per task (--cpus-per-task)" in job_log(tmp_path, job)
+
+
+def test_each_nodes_launcher_counts_its_own_gpus(cluster, tmp_path):
+    """Uneven nodes, played by two launchers in one srun step (two tasks on the test node, its 2 fake GPUs): task 0
+    sees SLURM's SLURM_GPUS_ON_NODE=2, task 1 is told 1 (per-task environment, as a node with 1 GPU would have).
+    With --nproc-per-node=gpus, as slurm/train.sh passes it, each launcher starts one process per GPU of its own
+    node, the c10d rendezvous joins 2 + 1 processes into one world of 3 (a gloo all-reduce over it), and every
+    process inherits its node's DISTGAN_EXPECT_GPUS and GLOO_SOCKET_IFNAME=lo (the rendezvous is on loopback)."""
+    (tmp_path / "probe.py").write_text(UNEVEN_PROBE)
+    port = slurm_cluster.free_port()
+    (tmp_path / "job.sh").write_text(f"""#!/bin/bash
+srun --ntasks=2 bash -c 'if [[ $SLURM_PROCID == 1 ]]; then export SLURM_GPUS_ON_NODE=1; fi; exec "$@"' bash \\
+    {sys.executable} -u {REPO / "slurm" / "launch_node.py"} --nnodes=2 --nproc-per-node=gpus --max-restarts=0 \\
+    --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:{port} --rdzv-id=uneven probe.py
+""")
+    job = sbatch(cluster, tmp_path, ["--ntasks=2", "--ntasks-per-node=2", "--gres=gpu:2", "--output=uneven.out"],
+                 [], script=str(tmp_path / "job.sh"))  # fmt: skip
+    info = wait_job(cluster, job, tmp_path, timeout=120)
+    log = (tmp_path / "uneven.out").read_text()
+    assert info["ExitCode"] == "0:0", log[-3000:]
+    for task, n in ((0, 2), (1, 1)):
+        assert (f"launcher {task} of 2 on localhost: {n} process(es) (one per GPU: SLURM_GPUS_ON_NODE={n}), "
+                f"DISTGAN_EXPECT_GPUS={n}, GLOO_SOCKET_IFNAME=lo (route to 127.0.0.1)") in log, log[-3000:]  # fmt: skip
+    seen = sorted((json.loads(p.read_text()) for p in tmp_path.glob("probe-*.json")), key=lambda e: int(e["RANK"]))
+    assert [e["RANK"] for e in seen] == ["0", "1", "2"], seen
+    assert {e["WORLD_SIZE"] for e in seen} == {"3"} and {e["sum"] for e in seen} == {3.0}
+    assert {e["GLOO_SOCKET_IFNAME"] for e in seen} == {"lo"}
+    by_node = sorted((e["LOCAL_WORLD_SIZE"], e["DISTGAN_EXPECT_GPUS"], e["LOCAL_RANK"]) for e in seen)
+    assert by_node == [("1", "1", "0"), ("2", "2", "0"), ("2", "2", "1")], by_node
+
+
+# Each process writes its own file (two processes' lines can interleave in one pipe).
+UNEVEN_PROBE = """import json, os
+import torch
+import torch.distributed as dist
+
+dist.init_process_group("gloo")
+t = torch.ones(1)
+dist.all_reduce(t)
+keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "DISTGAN_EXPECT_GPUS", "GLOO_SOCKET_IFNAME")
+with open(f"probe-{os.environ['RANK']}.json", "w") as f:
+    json.dump({**{k: os.environ.get(k) for k in keys}, "sum": t.item()}, f)
+dist.destroy_process_group()
+"""
 
 
 # ---------------------------------------------------------------------- a job trains
@@ -229,8 +308,9 @@ def test_job_trains_two_cpu_ranks_to_completion(straight):
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), log[-3000:]
     check_finished(straight["run_dir"], world=2)
     assert "launcher=torchrun backend=gloo world=2" in log
-    assert "1 launcher(s) x 2 process(es) (NPROC_PER_NODE), world 2" in log
-    assert "distgan-slurm: launcher 0 of 1 on localhost: 2 process(es)" in log
+    assert "1 launcher(s) x 2 process(es) per node (NPROC_PER_NODE), world 2" in log
+    assert "distgan-slurm: launcher 0 of 1 on localhost: 2 process(es) (NPROC_PER_NODE), DISTGAN_EXPECT_GPUS=0, " \
+           "GLOO_SOCKET_IFNAME=lo (route to 127.0.0.1)" in log  # fmt: skip
     assert "training finished (exit code 0)" in log and "requeue" not in log.replace("--requeue", "")
     assert stats_nimg(straight["run_dir"]) == list(range(32, TOTAL_NIMG + 1, 32))
 
@@ -358,7 +438,7 @@ def test_two_launchers_rendezvous_like_two_nodes(cluster, straight, tmp_path):
                                    NPROC_PER_NODE="1")  # fmt: skip
     print(f"\ntwo launchers x 1 rank: {took:.1f} s from sbatch to COMPLETED")
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-4000:]
-    assert "2 launcher(s) x 1 process(es) (NPROC_PER_NODE), world 2" in log
+    assert "2 launcher(s) x 1 process(es) per node (NPROC_PER_NODE), world 2" in log
     assert "srun --ntasks=2" in log and "--nnodes=2 --nproc-per-node=1" in log
     for i in range(2):
         assert f"distgan-slurm: launcher {i} of 2 on localhost: 1 process(es)" in log, log[-3000:]
@@ -395,9 +475,13 @@ def test_two_slurm_nodes_train_preempt_and_resume(two_nodes, straight, tmp_path)
     stop = preempt(two_nodes, job, tmp_path, tmp_path / "runs" / "smoke")
     log = stop["log"]
     head = two_nodes.nodes["n1"]
-    assert log.count(f"on n1 n2: 2 launcher(s) x 1 process(es) (NPROC_PER_NODE), world 2, rendezvous {head}:") == 2
+    assert log.count(f"on n1 n2: 2 launcher(s) x 1 process(es) per node (NPROC_PER_NODE), world 2, "
+                     f"rendezvous {head}:") == 2  # fmt: skip
     for node in ("n1", "n2"):  # both attempts, both nodes
         assert log.count(f"distgan-slurm: launcher {int(node[1]) - 1} of 2 on {node}: 1 process(es)") == 2, log[-3000:]
+    # gloo on the nodes' own network: n2 routes to the head through its eth0; on n1 (the head) the route to its
+    # own address is `local ... dev lo`, and the interface the others reach is the one holding it, eth0 too.
+    assert log.count(f"GLOO_SOCKET_IFNAME=eth0 (route to {head})") == 4, log[-3000:]
     print(f"exit codes per node launcher: {stop['node_codes']}")
     ckpt = check_finished(tmp_path / "runs" / "smoke", world=2)
     assert_same_training_state(ckpt, straight["run_dir"] / "checkpoints" / FINAL)

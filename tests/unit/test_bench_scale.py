@@ -4,8 +4,12 @@ import pytest
 
 from distgan.bench_scale import (
     H100_IB,
+    MAX_EVERY,
     SCALES,
     Fabric,
+    agreement_every,
+    agreement_limit,
+    agreement_s,
     allreduce_s,
     bus_bw,
     ddp_buckets,
@@ -18,6 +22,9 @@ from distgan.bench_scale import (
     half_ring_s,
     num_nodes,
     ring_allreduce_s,
+    scaled_step,
+    stop_exposed_s,
+    strong_scaling,
     tree_allreduce_s,
     zero_step_s,
 )
@@ -80,6 +87,8 @@ def test_step_times_ddp_and_zero():
     assert ddp_step_s(1e-3, two_nets, 4, F) == pytest.approx(1e-3 + 62 * US)
     # ZeRO: reduce-scatter + all-gather per network, nothing overlapped: 2 * 20.5 us
     assert zero_step_s(1e-3, [1_000_000], 4, F) == pytest.approx(1e-3 + 41 * US)
+    # ZeRO-2 with 4 micro-batches: 4 reduce-scatters and one all-gather
+    assert zero_step_s(1e-3, [1_000_000], 4, F, reduces=4) == pytest.approx(1e-3 + 5 * 20.5 * US)
 
 
 def test_gpu_step_is_arithmetic_or_kernel_launches_whichever_is_longer():
@@ -106,8 +115,102 @@ def test_efficiency_of_a_toy_network_on_one_h100_node():
     zg, zd = (2 * (17 + 0.875 * 1e6 / 360e9 / US)) * US, (2 * (17 + 0.875 * 0.5e6 / 360e9 / US)) * US
     assert eff["zero1/2"][0][0] == pytest.approx(1e-3 / (1e-3 + zg + zd), rel=1e-9)
     for strategy in eff.values():
-        values = [e for e, _ in strategy]
+        values = [p.efficiency for p in strategy]
         assert len(values) == len(SCALES) and values == sorted(values, reverse=True) and values[0] < 1
+        assert all(p.stop_s == 0 for p in strategy)  # the stop agreement hides behind 0.25 s of steps up to 512
+
+
+def test_the_stop_agreement_constants_are_the_watchdogs():
+    from distgan import bench_scale, watchdog
+
+    assert bench_scale.AGREE_EVERY_S == watchdog.AGREE_EVERY_S and bench_scale.MAX_EVERY == watchdog.MAX_EVERY
+
+
+def test_stop_agreement_cost_and_interval():
+    # A gloo ring of N ranks: 2(N-1) TCP hops in a row; 50 us each.
+    assert agreement_s(8, 50 * US) == pytest.approx(700 * US)
+    assert agreement_s(64, 50 * US) == pytest.approx(6.3e-3)
+    assert agreement_s(512, 50 * US) == pytest.approx(51.1e-3)
+    assert agreement_s(1, 50 * US) == 0.0
+    # Steps between two agreements: 0.25 s of steps (2^-9 s each: 128), at least 1, at most MAX_EVERY.
+    assert agreement_every(2**-9) == 128
+    assert agreement_every(1.0) == 1
+    assert agreement_every(1e-6) == MAX_EVERY
+    # One agreement takes the whole 0.25 s at 1 + 0.25 / (2 * 50 us) = 2501 ranks.
+    assert agreement_limit(50 * US) == pytest.approx(2501)
+    assert agreement_limit(100 * US) == pytest.approx(1251)
+
+
+def test_stop_agreement_shows_only_where_it_outlasts_the_steps_it_overlaps():
+    step = 2**-9  # 128 steps between agreements: 0.25 s
+    assert stop_exposed_s(512, step, 50 * US) == 0.0  # 51.1 ms inside 0.25 s
+    assert stop_exposed_s(2501, step, 50 * US) == 0.0  # exactly 0.25 s
+    # 3001 ranks: 0.3 s per agreement, 0.05 s of it after the 128 steps it overlaps, spread over those steps
+    assert stop_exposed_s(3001, step, 50 * US) == pytest.approx(0.05 / 128)
+    # Slow steps: one agreement every step; 4 ranks at 0.1 s a hop take 0.6 s, a step 0.5 s: 0.1 s shows per step
+    assert stop_exposed_s(4, 0.5, 0.1) == pytest.approx(0.1)
+
+
+TOY = {"G_params": [250_000], "D_params": [125_000], "step_flops": 1.0, "bwd_flops": {"D": 0.5, "G": 0.5}}
+
+
+def test_a_step_includes_the_exposed_stop_agreement():
+    # 4 ranks on F, 0.125 s of compute, G 1 MB (31 us) and D 0.5 MB (10 + 6 + 7.5 = 23.5 us) all-reduced.
+    # Hops of 0.1 s: one agreement 0.6 s; every ceil(0.25 / 0.1250545) = 2 steps, 0.6 - 2 * 0.1250545 s shows.
+    p = scaled_step(TOY, 0.125, 4, F, "ddp", 1, hop_s=0.1)
+    assert p.comm_s == pytest.approx(54.5 * US)
+    assert p.stop_s == pytest.approx((0.6 - 2 * (0.125 + 54.5 * US)) / 2)
+    assert p.step_s == pytest.approx(0.125 + 54.5 * US + p.stop_s)
+    assert p.efficiency == pytest.approx(0.125 / p.step_s)
+
+
+def test_accumulation_multiplies_compute_not_communication():
+    # G: 1.2 MB + 1 MB (two buckets: the first closes at 1 MiB), D: 0.5 MB; G's backward is 1% of the FLOPs.
+    prof = {"G_params": [300_000, 250_000], "D_params": [125_000], "step_flops": 1.0,
+            "bwd_flops": {"D": 0.5, "G": 0.01}}  # fmt: skip
+    # 4 ranks on F, ring: 16 us + 1.5 * S / 100 GB/s -> G 34 + 31 us, D 23.5 us. A 1 ms micro-batch: G's backward
+    # is 10 us, so 24 us of G's first bucket show; with 4 micro-batches only the last backward hides it: the same.
+    one = scaled_step(prof, 1e-3, 4, F, "ddp", 1, hop_s=0.0)
+    four = scaled_step(prof, 1e-3, 4, F, "ddp", 4, hop_s=0.0)
+    assert one.comm_s == pytest.approx((31 + 24 + 23.5) * US)
+    assert four.comm_s == pytest.approx((31 + 24 + 23.5) * US)  # not 31 + 0 + 23.5: no_sync before the last
+    assert four.efficiency == pytest.approx(4e-3 / (4e-3 + 78.5 * US))
+    # ZeRO per network: half rings G (2.2 MB) 10 + (49 - 10) / 2 = 29.5 us, D 10 + (23.5 - 10) / 2 = 16.75 us.
+    # ZeRO-1 reduces at the accumulation boundary (2 half rings each), ZeRO-2 every micro-batch (4 + 1).
+    assert scaled_step(prof, 1e-3, 4, F, "zero1", 4, hop_s=0.0).comm_s == pytest.approx(2 * 46.25 * US)
+    assert scaled_step(prof, 1e-3, 4, F, "zero2", 4, hop_s=0.0).comm_s == pytest.approx(5 * 46.25 * US)
+    assert scaled_step(prof, 1e-3, 4, F, "zero2", 1, hop_s=0.0).comm_s == pytest.approx(2 * 46.25 * US)
+
+
+def test_strong_scaling_splits_the_arithmetic_not_the_launches_or_the_bytes():
+    # Batch 64 over 8 / 64 / 512 GPUs of F (4 per node). 1 GPU: max(4 ms arithmetic, 1 ms launches) = 4 ms.
+    # 8 GPUs, 8 each: max(0.5, 1) = 1 ms; G 1 MB ring 75.75 us, D 0.5 MB tree 10 + 16 + 25 = 51 us (2 nodes).
+    # 64 GPUs, 1 each: 1 ms; trees on 16 nodes: G 10 + 46 + 50 = 106 us, D 10 + 46 + 25 = 81 us.
+    # 512 GPUs: fewer images than GPUs.
+    r8, r64, r512 = strong_scaling(TOY, 64, 4e-3, 1e-3, F)
+    assert (r8.per_gpu, r64.per_gpu, r512) == (8, 1, None)
+    assert r8.step_s == pytest.approx(1e-3 + 126.75 * US)
+    assert r8.speedup == pytest.approx(4e-3 / (1e-3 + 126.75 * US)) and r8.efficiency == pytest.approx(r8.speedup / 8)
+    assert r64.step_s == pytest.approx(1e-3 + 187 * US)  # (the agreement, 6.3 ms, hides in 0.25 s of steps)
+    assert r64.efficiency == pytest.approx(4e-3 / (1e-3 + 187 * US) / 64)
+    # Launch-bound (the shipped configs on a GPU): N GPUs are no faster than one.
+    l8 = strong_scaling(TOY, 64, 0.1e-3, 1e-3, F)[0]
+    assert l8.speedup == pytest.approx(1e-3 / (1e-3 + 126.75 * US)) and l8.speedup < 1
+    # A batch 64 GPUs do not divide
+    assert [r is None for r in strong_scaling(TOY, 96, 4e-3, 1e-3, F)] == [False, True, True]
+
+
+def test_a_gpu_step_ms_is_taken_as_launch_bound():
+    import argparse
+
+    from distgan.bench_scale import _gpu_parts, _gpu_step
+
+    prof = {"step_flops": 2e11, "step_ops": 300}
+    given = argparse.Namespace(gpu_step_ms=0.5, gpu_tflops=100.0, gpu_op_us=6.0)
+    assert _gpu_parts(prof, given) == (0.0, pytest.approx(5e-4))
+    counted = argparse.Namespace(gpu_step_ms=None, gpu_tflops=100.0, gpu_op_us=6.0)
+    assert _gpu_parts(prof, counted) == (pytest.approx(2e-3), pytest.approx(1.8e-3))
+    assert _gpu_step(prof, counted) == pytest.approx(2e-3)
 
 
 def test_command_line_parses_and_prints_its_help(capsys):
@@ -119,6 +222,8 @@ def test_command_line_parses_and_prints_its_help(capsys):
     add_parser(p.add_subparsers(dest="what"))
     args = p.parse_args(["scale", "--model-only", "--gpu-step-ms", "0.5"])
     assert args.model_only and args.gpu_step_ms == 0.5 and args.config is None  # None: the shipped configs
+    assert args.tcp_hop_us == pytest.approx(50.0)
+    assert p.parse_args(["scale", "--tcp-hop-us", "20"]).tcp_hop_us == 20.0
     with pytest.raises(SystemExit):
         p.parse_args(["scale", "--help"])
     assert "off by > 15%" in capsys.readouterr().out  # argparse formats help with %: a bare one breaks --help

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, require_deepspeed
 from distgan.errors import ConfigError, LaunchError, PhaseError
 from distgan.launcher import resolve_strategy
 from support import make_trainer
@@ -81,3 +81,20 @@ def test_a_trainer_that_forgets_to_freeze_d_is_stopped():
     tr.D.set_trainable = lambda flag: None
     with pytest.raises(PhaseError, match=r"\(rule 1\)"):
         tr.train_step(*tr.draw())
+
+
+def test_the_deepspeed_config_is_the_same_on_cpu_and_gpu():
+    """The bit-equality of ZeRO and DDP is shown on CPU; a GPU job must run that same config (it used to turn on
+    overlap_comm, a reduction path no CPU test runs), and no DeepSpeed timer may synchronise the GPU."""
+    require_deepspeed()
+    from distgan.config import flatten
+    from distgan.distributed.zero import DEVICE_KEYS, ds_config
+
+    for stage, precision, accum in ((1, "fp32", 1), (2, "bf16", 1), (2, "fp32", 4)):
+        cpu = flatten(ds_config(stage, precision, 16, numel=1000, accum=accum, device_type="cpu"))
+        gpu = flatten(ds_config(stage, precision, 16, numel=1000, accum=accum, device_type="cuda"))
+        differ = {k for k in cpu.keys() | gpu.keys() if cpu.get(k) != gpu.get(k)}
+        assert differ <= DEVICE_KEYS and DEVICE_KEYS == frozenset()
+        assert gpu["zero_optimization.overlap_comm"] is False
+        assert gpu["timers.throughput.enabled"] is False and gpu["wall_clock_breakdown"] is False
+        assert gpu["gradient_accumulation_steps"] == accum and gpu["train_micro_batch_size_per_gpu"] == 16

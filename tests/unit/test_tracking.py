@@ -58,7 +58,8 @@ def test_every_key_the_trainer_logs_is_in_a_dashboard_group(tmp_path):
 
 
 def test_alerts_and_steps_through_a_rollback_to_divergence(tmp_path, monkeypatch):
-    # Checkpoint after step 3 (64 images); every loss NaN from step 5 on: 2 skips, a rollback, 2 skips, give up.
+    # Checkpoint after step 3 (64 images); every loss NaN from step 5 on. The host looks at the skip counts at log
+    # intervals (every 2 steps): 1 skip at 0.096 kimg, 3 in a row at 0.128 -> rollback; again, then give up.
     monkeypatch.setenv("DISTGAN_FAULTS", "nan_loss:step=5-")
     tr = make_trainer("train.max_consecutive_skips=2", "train.max_rollbacks=1", run_dir=tmp_path)
     recorder = Recorder()
@@ -69,18 +70,18 @@ def test_alerts_and_steps_through_a_rollback_to_divergence(tmp_path, monkeypatch
         (skipped, "1 step(s) skipped for non-finite losses or gradients up to 0.096 kimg (1 in this run)", "WARN"),
         (
             "Rolled back (1 of 1)",
-            "2 steps in a row had non-finite losses or gradients at 0.112 kimg; rolled back to ckpt-000000064 "
+            "3 steps in a row had non-finite losses or gradients at 0.128 kimg; rolled back to ckpt-000000064 "
             "(0.064 kimg)",
             "WARN",
         ),
-        (skipped, "2 step(s) skipped for non-finite losses or gradients up to 0.096 kimg (3 in this run)", "WARN"),
+        (skipped, "3 step(s) skipped for non-finite losses or gradients up to 0.096 kimg (4 in this run)", "WARN"),
         (
             "Diverged: training stopped",
-            "2 steps in a row had non-finite losses or gradients at 0.112 kimg, after 1 rollback(s) "
+            "3 steps in a row had non-finite losses or gradients at 0.128 kimg, after 1 rollback(s) "
             "(train.max_rollbacks=1); lower the learning rates or try train.precision=fp32",
             "ERROR",
         ),
     ]
-    # W&B's step (nimg + offset) grows through the rollback: the 48 images after the checkpoint are added.
-    assert recorder.steps == [(32, 0), (64, 0), (96, 0), (96, 48)]
-    assert tr.nimg_discarded == 48 and tr.state_dict()["nimg_discarded"] == 48
+    # W&B's step (nimg + offset) grows through the rollback: the 64 images after the checkpoint are added.
+    assert recorder.steps == [(32, 0), (64, 0), (96, 0), (96, 64)]
+    assert tr.nimg_discarded == 64 and tr.state_dict()["nimg_discarded"] == 64

@@ -24,17 +24,16 @@ def test_step_updates_both_networks_and_counts_images():
 def test_g_phase_freezes_d_and_leaves_its_gradients_alone():
     tr = make_trainer()
     reals, latents, gen = tr.draw()
-    fake = tr._generate(latents[0], with_grad=True)
-    tr._phase_D_main(tr._to_float(reals[0]), fake.detach(), gen, with_reg=False)
-    d_grads = [p.grad.clone() for p in tr.D_module.parameters()]
+    fakes = tr._phase_D_main(tr._to_float(reals[0]), latents[0], gen, with_reg=False, keep_graph=True)
+    assert all(p.grad is None for p in tr.D_module.parameters())  # D's step cleared its gradients
     d_params = params(tr.D_module)
     seen = []
     hooks = [p.register_hook(lambda g: seen.append(g)) for p in tr.D_module.parameters()]
-    tr._phase_G_main(fake, gen, with_reg=False)
+    tr._phase_G_main(fakes, gen, with_reg=False)  # the fakes with their graph, as a step reuses them
     for h in hooks:
         h.remove()
     assert seen == []  # no gradient flowed into any D parameter
-    assert all(torch.equal(a, p.grad) for a, p in zip(d_grads, tr.D_module.parameters()))
+    assert all(p.grad is None for p in tr.D_module.parameters())  # and G's phase gave it none
     assert all(torch.equal(d_params[k], v) for k, v in params(tr.D_module).items())
     assert all(p.requires_grad for p in tr.D_module.parameters())  # unfrozen again for the next D phase
 
@@ -105,21 +104,21 @@ def test_bf16_trains_and_stays_close_to_fp32():
 
 def test_fp16_scalers_skip_only_the_overflowing_network():
     tr = make_trainer("train.precision=fp16")
-    assert tr.scaler_G.is_enabled() and tr.scaler_D.is_enabled()
+    assert tr.G.scaler.is_enabled() and tr.D.scaler.is_enabled()
     for _ in range(20):  # the scalers start high (2^16) and back off until a step overflows neither network
         tr.train_step(*tr.draw())
         warm = tr.stats.reduce(tr.dist)
         if warm["D/skipped"] == 0 and warm["G/skipped"] == 0:
             break
     assert warm["D/skipped"] == 0 and warm["G/skipped"] == 0
-    g_scale = tr.scaler_G.get_scale()
-    tr.scaler_D.update(new_scale=3e38)  # D's scaled loss now overflows fp32 -> inf gradients
+    g_scale = tr.G.scaler.get_scale()
+    tr.D.scaler.update(new_scale=3e38)  # D's scaled loss now overflows fp32 -> inf gradients
     g0, d0 = params(tr.G_module), params(tr.D_module)
     tr.train_step(*tr.draw())
     assert all(torch.equal(d0[k], v) for k, v in params(tr.D_module).items())  # D skipped its step
-    assert tr.scaler_D.get_scale() == pytest.approx(3e38 * 0.5)  # and backed off
+    assert tr.D.scaler.get_scale() == pytest.approx(3e38 * 0.5)  # and backed off
     assert any(not torch.equal(g0[k], v) for k, v in params(tr.G_module).items())  # G stepped
-    assert tr.scaler_G.get_scale() == g_scale
+    assert tr.G.scaler.get_scale() == g_scale
     stats = tr.stats.reduce(tr.dist)
     assert stats["D/skipped"] == 1 and stats["G/skipped"] == 0
     assert stats["D/loss_scale"] > 1e38
@@ -129,7 +128,7 @@ def test_fp16_r1_penalty_is_amp_correct():
     # The scaled-then-unscaled R1 under fp16 must agree with fp32 (it would be off by the loss scale otherwise).
     a = make_trainer("train.precision=fp32", "loss.r1_gamma=1", "loss.d_reg_interval=1")
     b = make_trainer("train.precision=fp16", "loss.r1_gamma=1", "loss.d_reg_interval=1")
-    b.scaler_D = torch.amp.GradScaler("cpu", init_scale=256.0)  # a scale at which this step does not overflow
+    b.D.scaler = torch.amp.GradScaler("cpu", init_scale=256.0)  # a scale at which this step does not overflow
     inputs = a.draw()
     a.train_step(*inputs)
     b.train_step(*inputs)
