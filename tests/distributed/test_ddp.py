@@ -131,6 +131,30 @@ def test_gradients_synced_once_per_phase():
     # Penalties folded into the main step (interval 1) add no sync.
     over = ("loss.r1_gamma=1", "loss.d_reg_interval=1", "loss.pl_weight=1", "loss.g_reg_interval=1")
     assert run_ranks(_count_syncs, 2, over, 3)[0] == {"G": 3, "D": 3}
+    # Micro-batches (train.batch_per_gpu=2: 4 per rank's 8) reduce once per phase, in the last one's backward.
+    assert run_ranks(_count_syncs, 2, ("train.batch_per_gpu=2",), 3)[0] == {"G": 3, "D": 3}
+
+
+def _accumulated(rank, world, per_gpu, overrides=()):
+    tr = make_trainer(*NO_BN, "loss.r1_gamma=1", "loss.d_reg_interval=1", f"train.batch_per_gpu={per_gpu}", *overrides)
+    for _ in range(3):
+        tr.train_step(*tr.draw())
+    return {"G": flat(tr.G_module), "D": flat(tr.D_module), "accum": tr.accum}
+
+
+def test_micro_batches_accumulate_to_the_whole_batchs_step():
+    """train.batch_per_gpu splits a rank's share into micro-batches whose gradients accumulate into one step: the
+    same step as the whole share at once (float rounding apart), on 1 process and on 2 ranks, ranks identical."""
+    for world in (1, 2):
+        whole = run_ranks(_accumulated, world, 0)
+        parts = run_ranks(_accumulated, world, 2)
+        assert whole[0]["accum"] == 1 and parts[0]["accum"] == 16 // world // 2
+        for net in ("G", "D"):
+            assert torch.equal(parts[0][net], parts[-1][net])
+            torch.testing.assert_close(parts[0][net], whole[0][net], rtol=1e-5, atol=1e-6)
+    # Control: micro-batches that each step (no accumulation: a step of 2 images, 4 times less data) differ.
+    small = run_ranks(_accumulated, 1, 0, ("train.batch=2",))
+    assert not torch.allclose(small[0]["G"], whole[0]["G"], rtol=1e-5, atol=1e-6)
 
 
 def _fp16_overflow_on_one_rank(rank, world):
