@@ -1,9 +1,11 @@
 # The verbs people use. Everything runs inside .venv in this folder; `make install` creates it.
 #   make train   set up if needed, then train the default config on the built-in shapes dataset
 #   make test    set up if needed, then run the whole test suite (what CI runs)
+#   make test-fast  the unit tests and one 2-rank test (under 3 minutes): the edit-test loop
 #   make lint    ruff
 #   make bench   the training-step benchmark (figures, not a pass/fail test)
 #   make gpu-check  on a machine with a GPU: what only a GPU can show, in a few minutes, one table
+#   make docs    regenerate docs/config-reference.md from the config dataclasses (a test fails when it is stale)
 
 PYTHON  ?= python3
 VENV    := .venv
@@ -17,7 +19,7 @@ CONFIG  ?= configs/default.yaml
 RUN_DIR ?=
 STAMP   := $(VENV)/.installed
 
-.PHONY: install train test lint bench gpu-check clean
+.PHONY: install train test test-fast lint bench gpu-check docs clean
 
 install: $(STAMP)
 
@@ -40,6 +42,12 @@ train: install $(SHAPES)/manifest.json
 test: install
 	$(PY) -m pytest
 
+# The unit tests (one process, and the few 2-process checks among them) and the core 2-rank DDP equivalence.
+FAST    := tests/unit tests/distributed/test_ddp.py::test_two_ranks_batch_b_equal_one_rank_batch_2b
+
+test-fast: install
+	$(PY) -m pytest -q $(FAST)
+
 lint: install
 	$(VENV)/bin/ruff check distgan tests
 	$(VENV)/bin/ruff format --check distgan tests
@@ -49,6 +57,9 @@ bench: install
 
 gpu-check: install
 	$(VENV)/bin/distgan gpu-check
+
+docs: install
+	$(VENV)/bin/distgan config-reference --out docs/config-reference.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

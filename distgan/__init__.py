@@ -1,6 +1,6 @@
 """distgan: a distributed GAN trainer that scales the adversarial loop from one laptop core to many nodes.
 
-The package is organised by responsibility (see README.md, "Design"):
+The package is organised by responsibility (see docs/development.md, "Layout"):
 
     config.py       typed config tree, YAML + dotted overrides, validation (no torch)
     train.py        the entry point for every launcher (python -m, torchrun, accelerate launch)

@@ -14,7 +14,8 @@ COMMANDS = {
     "generate": ("distgan.generate", "images, grids, latent walks and progress animations from a trained G"),
     "eval": ("distgan.evaluate", "FID/KID/IS/precision-recall of a run, checkpoint or image folder; --watch a run"),
     "bench": ("distgan.bench", "benchmarks: `distgan bench train|data|scale ...`"),
-    "gpu-check": ("distgan.gpu_check", "what only a GPU can show, in a few minutes, one table (--dry: on the CPU)"),
+    "gpu-check": ("distgan.bench.gpu_check", "what only a GPU can show, in minutes, one table (--dry: on the CPU)"),
+    "config-reference": ("distgan.config_reference", "docs/config-reference.md, from the config dataclasses"),
 }
 
 

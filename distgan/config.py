@@ -23,8 +23,9 @@ from typing import Any, Literal
 
 import yaml
 
+from distgan.data.catalog import DATASET_CHANNELS
 from distgan.errors import ConfigError
-from distgan.models import ARCHITECTURES
+from distgan.models import FAMILIES
 
 
 def _f(default: Any, doc: str):
@@ -34,19 +35,27 @@ def _f(default: Any, doc: str):
     return field(default=default, metadata={"doc": doc})
 
 
-# Datasets distgan knows by name, with the channel count they produce.
-DATASET_CHANNELS = {"shapes": 3, "mnist": 1, "fashion_mnist": 1, "cifar10": 3}
-
-
 @dataclass
 class ModelConfig:
-    arch: str = _f("dcgan", "model family (see distgan/models/__init__.py)")
-    resolution: int = _f(32, "image size in pixels (square); dcgan: 32, 64 or 128")
+    """The networks: the fields every family shares, and the family's own section, model.<family>.* (its options
+    dataclass in distgan/models/__init__.py). A key of another family's section is an error naming that family."""
+
+    family: str = _f("dcgan", "model family (distgan/models/__init__.py lists them; each has a section model.<family>)")
+    resolution: int = _f(32, "image size in pixels (square); each family lists the sizes it makes")
     channels: int = _f(3, "image channels (1 grey, 3 RGB); must match the dataset")
     z_dim: int = _f(100, "latent size")
-    g_width: int = _f(64, "G's last hidden width (ngf); it doubles per layer towards the latent")
-    d_width: int = _f(64, "D's first hidden width (ndf); it doubles per layer towards the logit")
-    norm: Literal["batch", "none"] = _f("batch", "normalisation of hidden layers")
+    num_classes: int | Literal["auto"] = _f(
+        0, "class-conditional on this many classes (0 = unconditional; auto = the data's class count)"
+    )
+    options: Any = field(default=None, metadata={"family_section": True})  # model.<family>.*
+
+    def __post_init__(self):
+        if self.options is None and self.family in FAMILIES:
+            self.options = FAMILIES[self.family].options()
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes not in (0, "auto")
 
 
 @dataclass
@@ -189,13 +198,19 @@ class Config:
             if not ok:
                 out.append(msg)
 
-        arch = ARCHITECTURES.get(m.arch)
-        need(arch is not None, f"model.arch={m.arch!r} is not one of {sorted(ARCHITECTURES)}")
-        if arch is not None:
+        fam = FAMILIES.get(m.family)
+        need(fam is not None, f"model.family={m.family!r} is not one of {sorted(FAMILIES)}")
+        if fam is not None:
             need(
-                m.resolution in arch.resolutions,
-                f"model.resolution={m.resolution} cannot be made by {m.arch} (choose from {list(arch.resolutions)})",
+                m.resolution in fam.resolutions,
+                f"model.resolution={m.resolution} cannot be made by {m.family} (choose from {list(fam.resolutions)})",
             )
+            need(
+                fam.conditional or m.num_classes == 0,
+                f"model.num_classes={m.num_classes} but family {m.family} is unconditional (num_classes=0)",
+            )
+            out += [f"model.{m.family}.{p}" for p in getattr(m.options, "problems", lambda model: [])(m)]
+        need(m.num_classes == "auto" or m.num_classes >= 0, f"model.num_classes={m.num_classes} must be >= 0 or auto")
         need(m.channels in (1, 3), f"model.channels={m.channels} must be 1 or 3")
         if d.source in DATASET_CHANNELS:  # shards: checked against their manifest when the stream opens
             need(
@@ -211,8 +226,7 @@ class Config:
         need(d.workers >= 0, f"data.workers={d.workers} must be >= 0")
         need(d.shuffle_buffer >= 1, f"data.shuffle_buffer={d.shuffle_buffer} must be >= 1")
         need(0 <= d.max_bad_fraction <= 1, f"data.max_bad_fraction={d.max_bad_fraction} must be in [0, 1]")
-        for key in ("z_dim", "g_width", "d_width"):
-            need(getattr(m, key) >= 1, f"model.{key}={getattr(m, key)} must be >= 1")
+        need(m.z_dim >= 1, f"model.z_dim={m.z_dim} must be >= 1")
         for key in ("r1_gamma", "gp_weight", "pl_weight"):
             need(getattr(lo, key) >= 0, f"loss.{key}={getattr(lo, key)} must be >= 0")
         for key in ("d_reg_interval", "g_reg_interval", "n_critic"):
@@ -257,7 +271,9 @@ class Config:
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        tree = dataclasses.asdict(self)
+        tree["model"][self.model.family] = tree["model"].pop("options")  # the section's name: model.<family>
+        return tree
 
     def dump(self, path: str | Path) -> None:
         Path(path).write_text(to_yaml(self))
@@ -287,10 +303,10 @@ def describe_batch(cfg: Config, world_size: int) -> list[str]:
     line = f"batch: {t.batch} per step = {share} per process x {procs}"
     line += f", in {accum} micro-batches of {micro} (train.batch_per_gpu)" if accum > 1 else ""
     lines = [line]
-    if m.norm == "batch" and micro < 16:
+    if getattr(m.options, "norm", None) == "batch" and micro < 16:
         lines.append(
             f"warning: BatchNorm sees {micro} images per forward on each process; its statistics get noisy below "
-            f"~16 (raise train.batch to {16 * world_size * accum}+ for {procs}, or use model.norm=none)"
+            f"~16 (raise train.batch to {16 * world_size * accum}+ for {procs}, or use model.{m.family}.norm=none)"
         )
     return lines
 
@@ -346,8 +362,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 
 def from_dict(tree: dict[str, Any]) -> Config:
-    """Build a Config from a nested dict such as `Config.to_dict()` produces (used to read back a run's config)."""
-    return from_flat(flatten(tree))
+    """Build a Config from a nested dict such as `Config.to_dict()` produces (used to read back a run's config,
+    also one written by an older distgan: see `upgrade`)."""
+    return from_flat(flatten(upgrade(tree)))
+
+
+# Keys of configs that older distgan versions wrote (in checkpoints, exports and run dirs), and where they live now.
+# Only files are upgraded: a config you write uses today's keys (an old key is "unknown", with the new name
+# suggested).
+_MOVED = {"model.arch": "model.family", "model.g_width": "model.dcgan.g_width", "model.d_width": "model.dcgan.d_width",
+          "model.norm": "model.dcgan.norm"}  # fmt: skip
+
+
+def upgrade(tree: dict[str, Any]) -> dict[str, Any]:
+    """A config tree as an older distgan wrote it, in today's keys (a tree of today's keys comes back as it is)."""
+    flat = flatten(tree)
+    if not any(k in flat for k in _MOVED):
+        return tree
+    moved = {_MOVED.get(k, k): v for k, v in flat.items()}
+    out: dict[str, Any] = {}
+    for key, value in moved.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
 
 
 def from_flat(values: dict[str, Any], default_name: str = "") -> Config:
@@ -357,19 +397,37 @@ def from_flat(values: dict[str, Any], default_name: str = "") -> Config:
     if unknown:
         raise ConfigError("unknown config keys: " + "; ".join(_suggest(k, fields) for k in unknown))
     errors = []
+    # The family first: it decides which section model.<family>.* holds options; another family's keys are refused.
+    family = values.get("model.family", cfg.model.family)
+    if isinstance(family, str) and family in FAMILIES:
+        cfg.model.family, cfg.model.options = family, FAMILIES[family].options()
+        other = [k for k in values if k.split(".")[:2][-1] in FAMILIES and k.startswith("model.")
+                 and k.count(".") >= 2 and k.split(".")[1] != family]  # fmt: skip
+        for key in other:
+            errors.append(f"{key} is an option of model family {key.split('.')[1]}, but model.family={family}")
     for key, raw in values.items():
+        if errors and key in other:
+            continue
         try:
             value = _coerce(raw, fields[key].type, key)
         except ConfigError as e:
             errors.append(str(e))
             continue
         section, _, leaf = key.rpartition(".")
-        setattr(getattr(cfg, section) if section else cfg, leaf, value)
+        setattr(_section(cfg, section), leaf, value)
     if errors:
         raise ConfigError("invalid config values: " + "; ".join(errors))
     if not cfg.name:
         cfg.name = default_name or "run"
     return cfg
+
+
+def _section(cfg: Config, dotted: str) -> Any:
+    """The object that holds the keys of section `dotted` ("train", "model", "model.dcgan")."""
+    node: Any = cfg
+    for part in filter(None, dotted.split(".")):
+        node = node.options if node is cfg.model and part in FAMILIES else getattr(node, part)
+    return node
 
 
 class FieldInfo(typing.NamedTuple):
@@ -386,7 +444,10 @@ def field_index() -> dict[str, FieldInfo]:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             value = getattr(instance, f.name)
-            if dataclasses.is_dataclass(hints[f.name]):
+            if f.metadata.get("family_section"):  # every registered family's own section: model.<family>.*
+                for name, fam in FAMILIES.items():
+                    walk(fam.options, fam.options(), f"{prefix}{name}.")
+            elif dataclasses.is_dataclass(hints[f.name]):
                 walk(hints[f.name], value, prefix + f.name + ".")
             else:
                 out[prefix + f.name] = FieldInfo(hints[f.name], value, f.metadata.get("doc", ""))
@@ -414,10 +475,12 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _suggest(key: str, fields: dict[str, Any]) -> str:
-    # Nearest by full dotted name, else by the leaf name alone ("total_kimg" -> "train.total_kimg").
-    close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
+    # The field with the same leaf name if there is exactly one ("model.g_width" -> "model.dcgan.g_width"), else the
+    # nearest by full dotted name, else by the leaf name alone ("total_kimg" -> "train.total_kimg").
+    leaf = key.rpartition(".")[2]
+    same = [k for k in fields if k.rpartition(".")[2] == leaf]
+    close = same if len(same) == 1 else difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
     if not close:
-        leaf = key.rpartition(".")[2]
         by_leaf = {k.rpartition(".")[2]: k for k in fields}
         near = difflib.get_close_matches(leaf, by_leaf, n=1, cutoff=0.6)
         close = [by_leaf[near[0]]] if near else []
@@ -446,7 +509,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if type(None) in args:
                 return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        for option in inner[:-1]:  # the first type that takes the value (int | Literal["auto"])
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                pass
+        try:
+            return _coerce(value, inner[-1], key)
+        except ConfigError:
+            if len(inner) == 1:
+                raise
+            names = " or ".join(_type_name(a) for a in inner)
+            raise ConfigError(f"{key}={value!r} is not {names}") from None
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:

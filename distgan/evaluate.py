@@ -4,6 +4,7 @@
     distgan eval --checkpoint runs/default/checkpoints/ckpt-000300032 --metrics fid,kid,is,pr --num 50000
     distgan eval --fake samples/ --real data/shapes-32       # images vs shards (or --real DIR: another folder)
     distgan eval --watch runs/default                        # each new checkpoint as training commits it
+    distgan eval --run runs/cond --classifier torchscript:classifier.pt   # + class_match of a conditional G
     torchrun --nproc_per_node=8 -m distgan.evaluate -- --run runs/default --num 50000   # each rank its share
 
 Under torchrun, put `--` before the arguments: torchrun's own parser takes `--run` and `--num` for abbreviations
@@ -14,6 +15,12 @@ appends a line to RUN_DIR/metrics.jsonl (kimg, nimg, checkpoint, settings, value
 W&B, logs `Metrics/<name>` at the checkpoint's kimg into the training's own W&B run (its id is in the
 checkpoint's state.pt). The reals default to the run's training data (its config's data.shards, or its
 in-memory dataset); their features are cached (distgan/metrics/cache.py), so later evaluations only generate.
+
+A class-conditional generator draws the class of each image like the data (the run's config: the data's class
+frequencies, as the training drew its generated labels), else uniformly; class i is a function of --seed and i,
+like the latent. `--classifier torchscript:PATH` (a TorchScript module you trust: images in [-1, 1] -> class
+logits [N, K], K the generator's class count) adds `class_match`: the share of generated images the classifier
+assigns to the class they were generated for. Inline evaluation (eval.*) has no classifier.
 
 --watch polls the run dir, evaluates every newly committed checkpoint once (metrics.jsonl says which were done,
 so a restarted watcher carries on) and stops when the run's newest checkpoint has reached train.total_kimg
@@ -38,7 +45,14 @@ if __name__ == "__main__" and not __package__:
 
 from distgan import launcher  # noqa: E402
 from distgan.errors import CheckpointError, UserError  # noqa: E402
-from distgan.metrics import METRICS, MetricsError, features_problem, parse_metrics  # noqa: E402
+from distgan.metrics import (  # noqa: E402
+    CLASS_MATCH,
+    METRICS,
+    MetricsError,
+    classifier_problem,
+    features_problem,
+    parse_metrics,
+)
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -58,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-real", type=int, help="real images, at most all (default: --num)")
     p.add_argument("--features", default="inception", help="inception (default) or torchscript:PATH")
     p.add_argument("--inception-weights", metavar="PATH", help="a local copy of the FID Inception weights")
+    p.add_argument("--classifier", metavar="torchscript:PATH",
+                   help="a conditional generator: also report class_match, the share of its images this classifier "
+                   "(a TorchScript file you trust: images in [-1, 1] -> class logits [N, K], K = the generator's "
+                   "classes) assigns to the class they were generated for")  # fmt: skip
     p.add_argument("--batch", type=int, default=64, help="images per forward, per rank (default: 64)")
     p.add_argument("--seed", type=int, default=0, help="latents and real subset (default: 0)")
     p.add_argument(
@@ -109,6 +127,13 @@ def _check_args(args) -> list[str]:
     problem = features_problem(args.features)
     if problem:
         raise MetricsError(problem)
+    if args.classifier is not None:
+        problem = classifier_problem(args.classifier)
+        if problem:
+            raise MetricsError(f"--classifier: {problem}")
+        if args.fake:
+            raise MetricsError("--classifier measures a conditional generator (--run, --checkpoint or --watch): "
+                               "the images of a --fake folder were not generated for known classes")  # fmt: skip
     if args.num < 2 or (args.num_real is not None and args.num_real < 2):
         raise MetricsError(f"--num {min(args.num, args.num_real or args.num)}: the metrics need at least 2 images")
     for name in ("batch", "kid_subsets", "kid_subset_size", "pr_k"):
@@ -144,7 +169,7 @@ def run_config(run_dir: Path):
 
 def make_evaluator(args, metrics, dist, cfg):
     from distgan.metrics.evaluator import Evaluator
-    from distgan.metrics.features import make_extractor
+    from distgan.metrics.features import make_classifier, make_extractor
     from distgan.metrics.sources import open_source, training_source
 
     needs_real = any(m != "is" for m in metrics)
@@ -159,23 +184,31 @@ def make_evaluator(args, metrics, dist, cfg):
             raise MetricsError(f"{names} compare with real images: give them with --real (shards or an image folder)")
     with dist.download_first():  # rank 0 fetches the Inception weights first if it must (caches may be shared)
         extractor = make_extractor(args.features, dist.device, args.inception_weights)
+    classifier = make_classifier(args.classifier, dist.device) if args.classifier else None
     return Evaluator(metrics, extractor, real, dist, num=args.num, num_real=args.num_real, batch=args.batch,
                      seed=args.seed, cache_dir=args.cache, use_cache=not args.no_cache, kid_subsets=args.kid_subsets,
-                     kid_subset_size=args.kid_subset_size, pr_k=args.pr_k)  # fmt: skip
+                     kid_subset_size=args.kid_subset_size, pr_k=args.pr_k, classifier=classifier)  # fmt: skip
 
 
 def evaluate_generator(ev, export: Path, dist, args, run_dir: Path | None, checkpoint: str, tracker=None) -> dict:
     """Generate, evaluate, report (rank 0: print, metrics.jsonl, tracker); returns the record."""
     from distgan.export import load_generator
-    from distgan.metrics.sources import GeneratorSource
+    from distgan.metrics.sources import GeneratorSource, data_class_probs
 
     G = load_generator(export).to(dist.device)  # (safetensors reads onto "cpu", not Accelerate's "cpu:0")
+    k = int(getattr(G, "num_classes", 0) or 0)
+    probs, how = None, None
+    if k:  # drawn like the data: rank 0 reads the run's config (and the data's manifest), every rank the same
+        if dist.is_main:
+            probs, how = data_class_probs(run_config(run_dir) if run_dir is not None else None, k)
+        probs, how = dist.broadcast_object((probs, how))
     start = time.time()
-    values = ev.evaluate(GeneratorSource(G, G.z_dim, args.seed, name=checkpoint))
-    record = {"kimg": G.nimg / 1000, "nimg": G.nimg, "checkpoint": checkpoint, **_settings(args, ev),
+    values = ev.evaluate(GeneratorSource(G, G.z_dim, args.seed, name=checkpoint, num_classes=k, class_probs=probs))
+    classes = {"classes": "data" if probs is not None else "uniform"} if k else {}
+    record = {"kimg": G.nimg / 1000, "nimg": G.nimg, "checkpoint": checkpoint, **_settings(args, ev), **classes,
               **values, "seconds": round(time.time() - start, 3)}  # fmt: skip
     if dist.is_main:
-        _report(record, ev, f"{checkpoint} ({G.nimg / 1000:.3f} kimg)")
+        _report(record, ev, f"{checkpoint} ({G.nimg / 1000:.3f} kimg)", f"{k} classes drawn {how}" if k else "")
         if run_dir is not None:
             with open(run_dir / METRICS_FILE, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -188,15 +221,18 @@ def evaluate_generator(ev, export: Path, dist, args, run_dir: Path | None, check
 
 def _settings(args, ev) -> dict:
     real = ev.real.name if ev.real is not None and ev.needs_real else None
+    classifier = {"classifier": args.classifier} if getattr(args, "classifier", None) else {}
     return {"num": args.num, "num_real": ev.num_real if real else None, "features": args.features, "real": real,
-            "seed": args.seed}  # fmt: skip
+            "seed": args.seed, **classifier}  # fmt: skip
 
 
-def _report(record: dict, ev, what: str) -> None:
+def _report(record: dict, ev, what: str, classes: str = "") -> None:
     n_fake, n_real = getattr(ev, "last_counts", (record["num"], 0))
     real = f" vs {n_real} reals of {record['real']} ({ev.real_note})" if record["real"] else ""
-    print(f"eval: {what}: {n_fake} fakes{real}; features {record['features']}; {record['seconds']:.1f} s", flush=True)
-    for name in ("fid", "kid", "is", "precision", "recall"):
+    classes = f"; {classes}" if classes else ""
+    print(f"eval: {what}: {n_fake} fakes{real}; features {record['features']}{classes}; {record['seconds']:.1f} s",
+          flush=True)  # fmt: skip
+    for name in ("fid", "kid", "is", "precision", "recall", CLASS_MATCH):
         if name in record:
             std = f"  (std {record[name + '_std']:.6g})" if f"{name}_std" in record else ""
             print(f"{name:<10} {record[name]:.6g}{std}", flush=True)
@@ -331,11 +367,12 @@ def _nimg(ckpt: Path) -> int:
 
 
 def _done(run_dir: Path, args) -> set[str]:
-    """Checkpoints metrics.jsonl already has with these settings and every value asked for."""
+    """Checkpoints metrics.jsonl already has with these settings and every value asked for (class_match: by the
+    same --classifier)."""
     path = run_dir / METRICS_FILE
     if not path.is_file():
         return set()
-    wanted = [v for m in parse_metrics(args.metrics) for v in METRICS[m]]
+    wanted = [v for m in parse_metrics(args.metrics) for v in METRICS[m]] + ([CLASS_MATCH] if args.classifier else [])
     done = set()
     for line in path.read_text().splitlines():
         try:
@@ -343,6 +380,7 @@ def _done(run_dir: Path, args) -> set[str]:
         except ValueError:
             continue  # a line cut by a crash
         same = (r.get("features"), r.get("num"), r.get("seed")) == (args.features, args.num, args.seed)
+        same = same and (not args.classifier or r.get("classifier") == args.classifier)  # class_match: whose
         if same and all(v in r for v in wanted) and "checkpoint" in r:
             done.add(r["checkpoint"])
     return done

@@ -48,7 +48,7 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> torc
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from distgan.config import ModelConfig
+    from distgan.config import from_dict
     from distgan.errors import CheckpointError
     from distgan.models import build_generator
 
@@ -58,7 +58,7 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> torc
             meta = f.metadata() or {}
         if meta.get("format") != FORMAT:
             raise CheckpointError(f"{path} is not a distgan generator export")
-        cfg = ModelConfig(**json.loads(meta["model"]))
+        cfg = from_dict({"model": json.loads(meta["model"])}).model  # (also an older distgan's flat model config)
         tensors = load_file(str(path), device=str(device))
     except CheckpointError:
         raise
@@ -66,5 +66,5 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> torc
         raise CheckpointError(f"cannot read generator export {path}: {' '.join(str(e).split())[:200]}") from None
     G = build_generator(cfg).to(device)
     G.load_state_dict(tensors)
-    G.z_dim, G.nimg = cfg.z_dim, int(meta.get("nimg", 0))
+    G.z_dim, G.nimg, G.num_classes = cfg.z_dim, int(meta.get("nimg", 0)), int(cfg.num_classes)
     return G.eval().requires_grad_(False)

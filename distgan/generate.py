@@ -5,6 +5,8 @@
     distgan generate --checkpoint runs/default/checkpoints/ckpt-000300032 --seed 7 --truncation 1.5 --out t.png
     distgan generate --run runs/default --interpolate 6 --out walk.gif        a looping latent walk (or .mp4)
     distgan generate --run runs/default --progress --out progress.mp4         the run's sample grids, by kimg
+    distgan generate --run runs/cond --class 3 --out three.png                a conditional G: 64 images of class 3
+    distgan generate --run runs/cond --class 0,1,2 --num 24 --out rows.png    one row of 8 per class, same latents
 
 --run takes the run dir's newest checkpoint that verifies; --checkpoint a checkpoint folder (verified too) or
 its generator.safetensors. Only that export is read: tensors and the model config, no pickle, no training state.
@@ -19,6 +21,16 @@ typical images (smaller T: more typical, less varied). No truncation by default.
 a Gaussian latent's norm stays typical, a straight line would pass through improbably short latents), with
 --frames frames from one latent to the next: a seamless loop of K * frames frames. --num walks at once make
 each frame a grid. An .mp4 needs PyAV (`pip install av`, or distgan's `video` extra); a .gif needs only Pillow.
+
+A class-conditional generator (model.num_classes > 0) also takes a class per image. --class K draws every image
+of class K; --class K1,K2,... (several, in that order): a grid has one row per class and --num // (number of
+classes) columns (at least one), column j showing latent j in every row, as the training's sample grids do; a
+folder's image i is latent i of class K[i % number of classes]; --interpolate walks stay within their class, a
+frame holding one row per class (the same walks in each row). Without --class, image i's class is drawn like the
+training data (the run's config: the data's class frequencies, as the training drew its generated labels; else
+uniformly), entry i % 256 of a block drawn from (seed, labels, i // 256): a function of --seed and i, like the
+latent; a walk keeps the class drawn for its index. --class on an unconditional generator, or a class it does
+not have, is one error line (exit code 2).
 """
 
 from __future__ import annotations
@@ -53,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, help="images (default 64), or walks side by side with --interpolate (16)")
     p.add_argument("--seed", type=int, default=0, help="latent seed (default 0): the same seed, the same latents")
     p.add_argument("--truncation", type=float, help="redraw latent entries with |z| > T (T > 0; default: none)")
+    p.add_argument("--class", dest="classes", metavar="K[,K...]",
+                   help="a conditional generator's classes (indices): a grid of one class, or one row per class with "
+                   "the same latents in each row; files and walks cycle through them (default: drawn like the "
+                   "training data)")  # fmt: skip
     p.add_argument("--interpolate", type=int, metavar="K", help="a looping latent walk through K latents")
     p.add_argument("--frames", type=int, default=24, help="--interpolate: frames from one latent to the next")
     p.add_argument("--progress", action="store_true", help="animate the run's samples/fakes-*.png in kimg order")
@@ -92,32 +108,51 @@ def run(args) -> list[str]:
     device = pick_device(args.device)
     source = generator_path(args)
     G = load_generator(source, device)
-    lines = [f"generator: {source} (G_ema at {G.nimg / 1000:.3f} kimg, z_dim {G.z_dim}) on {device}"]
+    k = int(getattr(G, "num_classes", 0) or 0)
+    classes = check_classes(args, k)
+    probs = None
+    lines = [f"generator: {source} (G_ema at {G.nimg / 1000:.3f} kimg, z_dim {G.z_dim}"
+             f"{f', {k} classes' if k else ''}) on {device}"]  # fmt: skip
+    if k and classes is None:
+        from distgan.metrics.sources import data_class_probs
+
+        probs, how = data_class_probs(run_config_of(args, source), k)
+        lines.append(f"classes: drawn {how}")
+    elif k:
+        lines.append(f"classes: {', '.join(map(str, classes))} (--class)")
     with torch.no_grad():
         if args.interpolate:
-            walks = args.num or 16
-            keys = latents(args.seed, 0, args.interpolate * walks, G.z_dim, args.truncation).view(
-                args.interpolate, walks, G.z_dim
-            )  # [K, walks, z_dim]
-            z = walk(keys, args.frames)  # [K * frames, walks, z_dim]
+            cells, c, cols = layout(args.num or 16, k, classes, probs, args.seed)
+            walks, keys_n = len(cells), int(cells.max()) + 1
+            keys = latents(args.seed, 0, args.interpolate * keys_n, G.z_dim, args.truncation).view(
+                args.interpolate, keys_n, G.z_dim
+            )  # [K, walks (of one row), z_dim]
+            z = walk(keys, args.frames)[:, cells]  # [K * frames, walks, z_dim]
             per = max(1, args.batch // walks)
 
             def frames():  # a batch of frames at a time, kept as uint8 only
                 for start in range(0, len(z), per):
-                    part = render(G, z[start : start + per].flatten(0, 1), args.batch, device)
-                    yield from (to_frame(frame) for frame in part.unflatten(0, (-1, walks)))  # [walks, C, H, W]
+                    part = z[start : start + per]
+                    cs = c.repeat(len(part)) if c is not None else None
+                    images = render(G, part.flatten(0, 1), args.batch, device, cs)
+                    yield from (to_frame(f, cols) for f in images.unflatten(0, (-1, walks)))  # [walks, C, H, W]
 
             write_animation(frames(), out, args.fps or 24.0)
             return [*lines, f"wrote {out}: {len(z)} frames of {walks} walk(s) through {args.interpolate} latents"]
         n = args.num or 64
         if ext in GRID_EXT:
-            images = render(G, latents(args.seed, 0, n, G.z_dim, args.truncation), args.batch, device)
-            save_png(to_frame(images), out)
+            cells, c, cols = layout(n, k, classes, probs, args.seed)
+            z = latents(args.seed, 0, int(cells.max()) + 1, G.z_dim, args.truncation)[cells]
+            save_png(to_frame(render(G, z, args.batch, device, c), cols), out)
+            if cols is not None:  # several classes: one row each
+                shape = f"{len(classes)} classes x {cols} images, one row per class"
+                return [*lines, f"wrote {out}: a grid of {shape} (seed {args.seed})"]
             return [*lines, f"wrote {out}: a grid of {n} images (seed {args.seed})"]
         out.mkdir(parents=True, exist_ok=True)
         for start in range(0, n, args.batch):  # a batch at a time: any --num fits in memory
             count = min(args.batch, n - start)
-            images = render(G, latents(args.seed, start, count, G.z_dim, args.truncation), args.batch, device)
+            c = file_labels(start, count, k, classes, probs, args.seed)
+            images = render(G, latents(args.seed, start, count, G.z_dim, args.truncation), args.batch, device, c)
             for i, image in enumerate(images):
                 save_png(to_uint8(image), out / f"{start + i:06d}.png")
         return [*lines, f"wrote {n} images to {out}/ (000000.png ... {n - 1:06d}.png, seed {args.seed})"]
@@ -145,6 +180,47 @@ def check_args(args, ext: str) -> None:
         raise GenerateError(f"--out {args.out}: an animation needs --interpolate K or --progress")
     if args.progress and args.run is None:
         raise GenerateError("--progress animates a run's sample grids: give --run RUN_DIR")
+    if args.classes is not None:
+        parse_classes(args.classes)
+        if args.progress:
+            raise GenerateError("--class picks a conditional generator's classes; --progress shows the run's grids")
+
+
+def parse_classes(spec: str) -> list[int]:
+    """`3` or `0,2,5` -> [3] or [0, 2, 5] (the order kept)."""
+    parts = [part.strip() for part in spec.split(",")]
+    if not all(part.isdigit() for part in parts):
+        raise GenerateError(f"--class {spec}: class indices (0, 1, ...), comma-separated: e.g. 3 or 0,2,5")
+    return [int(part) for part in parts]
+
+
+def check_classes(args, num_classes: int) -> list[int] | None:
+    """--class checked against the generator (num_classes: 0 when it is unconditional); None when not given."""
+    if args.classes is None:
+        return None
+    classes = parse_classes(args.classes)
+    if not num_classes:
+        raise GenerateError(f"--class {args.classes}: the generator is unconditional (model.num_classes=0)")
+    if max(classes) >= num_classes:
+        raise GenerateError(f"--class {args.classes}: the generator has {num_classes} classes (0..{num_classes - 1})")
+    return classes
+
+
+def run_config_of(args, export: Path):
+    """The config of the run the generator comes from (RUN_DIR/config.yaml), or None: --run's, or that of a
+    checkpoint inside RUN_DIR/checkpoints (its folder or its generator.safetensors)."""
+    from distgan.evaluate import run_config
+
+    run_dir = Path(args.run) if args.run is not None else None
+    if run_dir is None and export.parent.parent.name == "checkpoints":
+        run_dir = export.parent.parent.parent
+    if run_dir is None:
+        return None
+    try:
+        return run_config(run_dir)
+    except Exception as e:  # noqa: BLE001 (an unreadable config only costs the data's class frequencies)
+        _warn(f"cannot read {run_dir / 'config.yaml'} ({' '.join(str(e).split())[:160]}): classes drawn uniformly")
+        return None
 
 
 def pick_device(name: str):
@@ -191,6 +267,41 @@ def latents(seed: int, start: int, count: int, z_dim: int, truncation: float | N
     return rng.block_latents(range(start, start + count), z_dim, seed, block=BLOCK, truncation=truncation)
 
 
+def labels(seed: int, start: int, count: int, num_classes: int, probs=None):
+    """Classes [count] of images start .. start + count - 1 when none are asked for (see the module doc): from
+    `probs` (the data's class frequencies) or uniformly; int64 on the CPU."""
+    from distgan import rng
+
+    return rng.block_labels(range(start, start + count), num_classes, seed, block=BLOCK, probs=probs)
+
+
+def layout(n: int, num_classes: int, classes: list[int] | None, probs, seed: int):
+    """A grid (or a walk's frame) of about n cells: (latent index of each cell [S], class of each cell [S] or None,
+    columns or None for ceil(sqrt(S))). Several --class: one row per class, --num // classes columns, latent j in
+    column j of every row; otherwise cell i is latent i, of the --class asked or of the class drawn for i."""
+    import torch
+
+    if not num_classes:
+        return torch.arange(n), None, None
+    if classes is None:
+        return torch.arange(n), labels(seed, 0, n, num_classes, probs), None
+    if len(classes) == 1:
+        return torch.arange(n), torch.full([n], classes[0], dtype=torch.long), None
+    cols = max(1, n // len(classes))
+    return torch.arange(cols).repeat(len(classes)), torch.tensor(classes).repeat_interleave(cols), cols
+
+
+def file_labels(start: int, count: int, num_classes: int, classes: list[int] | None, probs, seed: int):
+    """Classes of files start .. start + count - 1: cycling through --class, else drawn; None: unconditional."""
+    import torch
+
+    if not num_classes:
+        return None
+    if classes is None:
+        return labels(seed, start, count, num_classes, probs)
+    return torch.tensor(classes)[torch.arange(start, start + count) % len(classes)]
+
+
 def slerp(a, b, t: float):
     """Spherical interpolation between latents a and b ([..., z_dim]) at t in [0, 1]."""
     import torch
@@ -213,11 +324,13 @@ def walk(keys, frames: int):
 # ---------------------------------------------------------------------- images
 
 
-def render(G, z, batch: int, device):
-    """G(z) in batches: [N, C, H, W] float in [-1, 1], on the CPU."""
+def render(G, z, batch: int, device, c=None):
+    """G(z) (an unconditional G, c None) or G(z, c) in batches: [N, C, H, W] float in [-1, 1], on the CPU."""
     import torch
 
-    return torch.cat([G(part.to(device)).float().cpu() for part in z.split(batch)])
+    if c is None:
+        return torch.cat([G(part.to(device)).float().cpu() for part in z.split(batch)])
+    return torch.cat([G(zp.to(device), cp.to(device)).float().cpu() for zp, cp in zip(z.split(batch), c.split(batch))])
 
 
 def to_uint8(image):
@@ -228,14 +341,14 @@ def to_uint8(image):
     return x.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
 
 
-def to_frame(images):
+def to_frame(images, cols: int | None = None):
     """[N, C, H, W] in [-1, 1] -> [H, W, C] uint8: the image itself when N is 1, else a grid like the trainer's
-    sample grids (ceil(sqrt(N)) columns, 2-pixel black padding)."""
+    sample grids (`cols` columns, default ceil(sqrt(N)); 2-pixel black padding)."""
     if len(images) == 1:
         return to_uint8(images[0])
     from torchvision.utils import make_grid
 
-    cols = max(1, math.ceil(math.sqrt(len(images))))
+    cols = cols or max(1, math.ceil(math.sqrt(len(images))))
     return to_uint8(make_grid(images.clamp(-1, 1), nrow=cols, padding=2, pad_value=-1))
 
 

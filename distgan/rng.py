@@ -43,6 +43,27 @@ def block_latents(indices, z_dim: int, *seed: int, block: int, truncation: float
     return z
 
 
+def block_labels(indices, num_classes: int, *seed: int, block: int, probs=None) -> torch.Tensor:
+    """Class labels of global image indices, int64 [len(indices)] on the CPU: label i is entry i % block of a block
+    drawn from (*seed, "labels", i // block), from `probs` (a class distribution) or uniformly: like
+    `block_latents`, it depends on i alone."""
+    idx = np.asarray(indices, dtype=np.int64)
+    out = torch.empty([len(idx)], dtype=torch.long)
+    for b in np.unique(idx // block).tolist():
+        gen = generator(*seed, _LABELS, b)
+        if probs is None:
+            rows = torch.randint(num_classes, [block], generator=gen)
+        else:
+            weights = torch.as_tensor(probs, dtype=torch.float64)
+            rows = torch.multinomial(weights, block, replacement=True, generator=gen)
+        mine = np.nonzero(idx // block == b)[0]
+        out[torch.from_numpy(mine)] = rows[torch.from_numpy(idx[mine] % block)]
+    return out
+
+
+_LABELS = 0x1AB  # keeps the labels' stream apart from the latents' at the same (seed, block)
+
+
 def get_state(device: torch.device | None = None) -> dict:
     """This process's global RNG states (torch CPU and CUDA, Python, NumPy), as checkpoint-safe plain values.
 

@@ -23,7 +23,7 @@ if __name__ == "__main__" and not __package__:
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from distgan import launcher  # noqa: E402
-from distgan.config import describe_batch, field_index, flatten, help_text, load_config, to_yaml  # noqa: E402
+from distgan.config import describe_batch, field_index, flatten, help_text, load_config, to_yaml, upgrade  # noqa: E402
 from distgan.errors import CheckpointError, DataError, Stop, UserError  # noqa: E402
 
 # Config keys a resumed run may change; any other difference from the checkpoint's config is refused unless
@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = load_config(args.config, args.overrides).validate(world_size=launcher.world_size())
+        resolve_classes(cfg)  # model.num_classes: auto -> the data's count; a mismatch is an error here
         launcher.check_precision(cfg.train.precision)
         # `auto` becomes what the launcher set up (ddp, or zeroN under an Accelerate DeepSpeed config), so the
         # run dir's config and the checkpoint record the strategy that really ran.
@@ -115,7 +116,8 @@ def run(cfg, run_dir: str | None = None, resume: str = "latest", allow_config_ch
 
     # Collectives time out after 30 min (or just after the watchdog would have named a hung rank).
     timeout = max(1800.0, cfg.train.hang_timeout_s + 60)
-    dist = distributed.setup(cfg.train.precision, cfg.train.threads, cfg.train.deterministic, timeout_s=timeout)
+    dist = distributed.setup(cfg.train.precision, cfg.train.threads, cfg.train.deterministic, timeout_s=timeout,
+                             strategy=cfg.dist.strategy)  # fmt: skip
     try:
         return _run(cfg, dist, run_dir, resume, allow_config_change)
     finally:
@@ -129,7 +131,7 @@ def _run(cfg, dist, run_dir_arg, resume, allow_config_change) -> dict:
     from distgan.data import make_stream
     from distgan.data.prefetch import Prefetcher
     from distgan.tracking import NullTracker, make_tracker
-    from distgan.trainer import Trainer
+    from distgan.training import Trainer
     from distgan.watchdog import StopSignals, Watchdog
 
     # Stop signals only set a flag from now on; the ranks act on it together at a step boundary (watchdog.py).
@@ -139,8 +141,7 @@ def _run(cfg, dist, run_dir_arg, resume, allow_config_change) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     console = Console(dist.is_main, run_dir / "log.txt", cfg.train.progress)
-    strategy = launcher.resolve_strategy(cfg.dist.strategy, cfg.train.precision)
-    console.print(f"distgan {__version__}: {dist.describe(cfg.train.precision, strategy)}")
+    console.print(f"distgan {__version__}: {dist.describe()}")
     for line in describe_batch(cfg, dist.world_size):
         console.print(line)
     console.print(f"run dir: {run_dir}")
@@ -169,7 +170,10 @@ def _run(cfg, dist, run_dir_arg, resume, allow_config_change) -> dict:
         console.print(stream.describe())
 
     # Construct the trainer, restore its state, and connect the tracker (continuing the checkpoint's W&B run).
-    trainer = Trainer(cfg, dist, stream, run_dir, console)
+    probs = resolve_classes(cfg)
+    if cfg.model.num_classes:
+        console.print(describe_classes(cfg, probs))
+    trainer = Trainer(cfg, dist, stream, run_dir, console, class_probs=probs)
     if state is not None:
         trainer.load_checkpoint(ckpt_path, shared=state)
         console.print(f"resumed from {ckpt_path} at {trainer.cur_nimg / 1000:.3f} kimg")
@@ -289,7 +293,7 @@ def find_checkpoint(ckpts, resume: str, dist) -> Path | None:
 
 def check_resumable(saved: dict, cfg, allow_change: bool) -> None:
     """Refuse to resume a checkpoint made with a different model/loss/optimizer/data config."""
-    old, new = flatten(saved), flatten(cfg.to_dict())
+    old, new = flatten(upgrade(saved)), flatten(cfg.to_dict())
     # Keys newer than the checkpoint take their defaults; every checkpoint from before strategies existed is DDP.
     defaults = {key: info.default for key, info in field_index().items()}
     old = {**defaults, "dist.strategy": "ddp", **old}
@@ -303,6 +307,44 @@ def check_resumable(saved: dict, cfg, allow_change: bool) -> None:
             "the checkpoint was made with a different config (" + "; ".join(diffs) + "); "
             "use another --run-dir, or --allow-config-change to resume anyway"
         )
+
+
+def resolve_classes(cfg) -> list[float] | None:
+    """Resolve `model.num_classes` against the data (auto -> the data's class count), before anything starts; return
+    the class frequencies that generated labels are drawn from (None: uniform, or an unconditional model).
+
+    A conditional model on data without labels, or a class count that disagrees with the data's, is one error line
+    (exit code 2). Frequencies come from the data when it says them (a manifest's class_counts, the built-in
+    datasets' labels); otherwise every class is drawn equally often.
+    """
+    from distgan.data.catalog import data_classes
+    from distgan.errors import DataError
+
+    m = cfg.model
+    if m.num_classes == 0:
+        return None
+    info = data_classes(cfg.data)
+    where = f"data.source={cfg.data.source}" + (f" ({cfg.data.shards})" if cfg.data.source == "shards" else "")
+    if info is None:
+        raise DataError(f"model.num_classes={m.num_classes} but {where} has no class labels; train unconditionally "
+                        "(model.num_classes=0) or prepare the data from class folders")  # fmt: skip
+    if info.num_classes is None:  # maybe labelled, but how many classes only the samples would tell
+        if m.num_classes == "auto":
+            raise DataError(f"model.num_classes=auto but {where} does not say how many classes it has (no manifest); "
+                            "set model.num_classes")  # fmt: skip
+        return None
+    if m.num_classes == "auto":
+        m.num_classes = info.num_classes
+    elif m.num_classes != info.num_classes:
+        raise DataError(f"model.num_classes={m.num_classes} but {where} has {info.num_classes} classes "
+                        f"({', '.join(info.names[:6])}{', ...' if len(info.names) > 6 else ''}); "
+                        "set model.num_classes=auto")  # fmt: skip
+    return list(info.frequencies) if info.frequencies is not None else None
+
+
+def describe_classes(cfg, probs) -> str:
+    how = "by the data's class frequencies" if probs is not None else "uniformly"
+    return f"classes: {cfg.model.num_classes} (labels of generated images drawn {how})"
 
 
 def _hms(seconds: float) -> str:

@@ -7,7 +7,7 @@
 #   NPROC_PER_NODE=2 sbatch slurm/train.sh configs/smoke.yaml        # 2 CPU processes (gloo) on a CPU node
 #
 # Time, partition, account, nodes and GPUs are ordinary sbatch options; the #SBATCH lines below are defaults
-# that any command-line option overrides. README.md, "Running on SLURM", has the whole story.
+# that any command-line option overrides. docs/slurm.md has the whole story.
 #
 # What it does:
 #   1. finds python (DISTGAN_PYTHON, else the active virtualenv, else this repository's .venv, else python3)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from conftest import patience
 from distgan.local_launch import run_local
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,20 +24,26 @@ def make_trainer(*overrides: str, config: Path = SMOKE, run_dir=None, dist=None)
     from distgan import distributed
     from distgan.config import load_config
     from distgan.data import make_stream
-    from distgan.trainer import Trainer
+    from distgan.train import resolve_classes
+    from distgan.training import Trainer
 
     cfg = load_config(config, list(overrides))
     if dist is None:
-        dist = distributed.setup(cfg.train.precision, threads=1)
+        dist = distributed.setup(cfg.train.precision, threads=1, strategy=cfg.dist.strategy)
     cfg.validate(dist.world_size)
-    return Trainer(cfg, dist, make_stream(cfg, dist.rank, dist.world_size), run_dir)
+    probs = resolve_classes(cfg)
+    dist = dist.configured(cfg.train.precision, cfg.dist.strategy)  # one group, several configs (tests)
+    return Trainer(cfg, dist, make_stream(cfg, dist.rank, dist.world_size), run_dir, class_probs=probs)
 
 
 def write_shards(folder, n_shards: int, per_shard, resolution: int = 8, channels: int = 3, manifest: bool = True,
-                 extra=None) -> list[Path]:  # fmt: skip
+                 extra=None, label=None, num_classes: int = 0) -> list[Path]:  # fmt: skip
     """Tar shards written by hand (independent of `distgan prepare`): sample key = its global id as 8 digits, the
-    image a PNG whose pixels all equal id % 256. `per_shard` is an int or a list of counts; extra(i, key) may
-    return more {name: bytes} members for a sample. Returns the shard paths; writes manifest.json if asked."""
+    image a PNG whose pixels all equal id % 256; label(id), when given, written as KEY.cls (the class index as
+    text). `per_shard` is an int or a list of counts; extra(i, key) may return more {name: bytes} members for a
+    sample (replacing the sample's own of the same name; None drops it). The manifest, if asked, lists num_classes
+    classes ("class-0", ...; none by default) and, like manifests before distgan counted classes, no class_counts.
+    Returns the shard paths."""
     import io
     import tarfile
 
@@ -57,8 +64,11 @@ def write_shards(folder, n_shards: int, per_shard, resolution: int = 8, channels
                 pixels = np.full((resolution, resolution, channels), sid % 256, np.uint8).squeeze()
                 buf = io.BytesIO()
                 Image.fromarray(pixels).save(buf, format="PNG")
-                members = {f"{key}.png": buf.getvalue(), **((extra and extra(i, key)) or {})}
-                for name, data in members.items():
+                members = {f"{key}.png": buf.getvalue()}
+                if label is not None:
+                    members[f"{key}.cls"] = str(label(sid)).encode()
+                members.update((extra and extra(i, key)) or {})
+                for name, data in {k: v for k, v in members.items() if v is not None}.items():
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
@@ -71,7 +81,8 @@ def write_shards(folder, n_shards: int, per_shard, resolution: int = 8, channels
         ]
         write_manifest(folder, {
             "format": FORMAT, "version": VERSION, "num_samples": sum(counts), "resolution": resolution,
-            "channels": channels, "mode": "RGB" if channels == 3 else "L", "image_format": "png", "classes": [],
+            "channels": channels, "mode": "RGB" if channels == 3 else "L", "image_format": "png",
+            "classes": [f"class-{c}" for c in range(num_classes)],
             "shards": shards, "skipped": [], "source": {"kind": "test"}, "created": "", "distgan_version": "",
         })  # fmt: skip
     return paths
@@ -86,9 +97,10 @@ def flat(module) -> torch.Tensor:
 
 
 def run_ranks(fn, world: int, *args, timeout: float = 180):
+    # (timeout: what the call takes at most on a quiet machine; scaled by conftest.patience for a busy one)
     """[fn(0, world, *args), ..., fn(world-1, world, *args)], each in its own fresh process of one gloo group."""
     try:
-        return run_local(world, fn, *args, timeout=timeout)
+        return run_local(world, fn, *args, timeout=patience(timeout))
     except RuntimeError as e:
         raise AssertionError(str(e)) from None
 

@@ -1,158 +1,63 @@
 """Datasets and the per-rank batch streams that feed the trainer.
 
-A stream yields uint8 image batches [B_local, C, H, W] for one rank and knows its position, so a checkpoint can
-record where it stopped. The trainer converts to float in [-1, 1] on its device. Two kinds:
+A stream yields Batch objects (batch.py) for one rank: images uint8 [B_local, C, H, W] and, when the data has
+classes, their labels int64 [B_local] (else None), each label in the same row as its image from the moment the
+sample is read; the trainer converts images to float in [-1, 1] on its device. A stream knows its position, so
+a checkpoint can record where it stopped. Two kinds:
 
   ShardStream (stream.py)  WebDataset tar shards made by `distgan prepare`, streamed by loader workers from
-                           disk, HTTP or object storage: the one for real datasets and for `make train`.
-  ArrayStream (here)       a dataset held in memory (the built-in shapes, torchvision's MNIST/CIFAR-10): for
-                           tests and quick experiments.
+                           disk, HTTP or object storage: the one for real datasets and for `make train`. Labels
+                           come from each sample's KEY.cls member when the shards have classes.
+  ArrayStream (memory.py)  a dataset held in memory (the built-in shapes, torchvision's MNIST/CIFAR-10), with
+                           its labels: for tests and quick experiments.
 
-Both offer: next() -> batch, peek(n), take_stats(), state_dict()/load_state_dict(), close().
+Both offer: next() -> Batch, peek(n) -> images only (a grid of reals), take_stats(), state_dict()/
+load_state_dict(), close().
 
 On a CUDA device, make_stream(..., device) has the stream hand out pinned batches, and Prefetcher (prefetch.py)
-wraps either stream to copy the next batch to the device while the current step runs.
+wraps either stream to copy the next batch (images and labels) to the device while the current step runs.
+
+What classes the configured data has, without loading it: catalog.data_classes(cfg.data).
+
+This package's own import loads no torch (config.py imports the catalog, and a bad config must fail before torch
+is imported): ArrayStream, load_dataset, load_images and resize are imported from memory.py on first use.
 """
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-
-from distgan.errors import DataError
-
-TORCHVISION_DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}
+_LAZY = {"ArrayStream", "load_dataset", "load_images", "resize"}  # (from distgan.data.memory)
 
 
-def make_stream(cfg, rank: int, world_size: int, device: torch.device | None = None):
+def __getattr__(name: str):
+    if name in _LAZY:
+        from distgan.data import memory
+
+        return getattr(memory, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def make_stream(cfg, rank: int, world_size: int, device=None):
     """The batch stream `cfg.data` describes, for one rank: shards streamed from disk or network, or in memory.
 
     device: the training device. On CUDA the batches come in pinned memory, so that copying them to the GPU
     (non_blocking, see prefetch.py) does not stall the host.
     """
+    import torch
+
     pin = device is not None and torch.device(device).type == "cuda"
     if cfg.data.source == "shards":
         from distgan.data.stream import ShardStream
 
         m, t = cfg.model, cfg.train
-        return ShardStream(cfg.data, m.resolution, m.channels, t.batch, rank, world_size, t.seed, pin_memory=pin)
+        # A conditional model's class count tells shards without a manifest that they are labelled (and checks
+        # their labels against it); a manifest's own class list takes precedence.
+        n = getattr(m, "num_classes", 0)
+        num_classes = n if isinstance(n, int) and n > 0 else None
+        return ShardStream(cfg.data, m.resolution, m.channels, t.batch, rank, world_size, t.seed, pin_memory=pin,
+                           num_classes=num_classes)  # fmt: skip
+    from distgan.data.memory import ArrayStream, load_dataset
+
+    images, labels = load_dataset(cfg)
     return ArrayStream(
-        load_images(cfg), cfg.train.batch, rank, world_size, cfg.train.seed, cfg.data.xflip, pin_memory=pin
+        images, cfg.train.batch, rank, world_size, cfg.train.seed, cfg.data.xflip, pin_memory=pin, labels=labels
     )
-
-
-def load_images(cfg) -> np.ndarray:
-    """All images of `cfg.data` at `cfg.model.resolution`: uint8 [N, C, res, res]. Built-in and torchvision
-    datasets only: shards are streamed (make_stream), never loaded whole."""
-    data, res = cfg.data, cfg.model.resolution
-    if data.source not in ("shapes", *TORCHVISION_DATASETS):
-        raise ValueError(f"data.source={data.source} is not an in-memory dataset; stream it with make_stream")
-    if data.source == "shapes":
-        from distgan.data import shapes
-
-        images, _ = shapes.generate(data.num_images, seed=data.seed, resolution=res)
-        return images
-    return _load_torchvision(data.source, data.root, data.download, res)
-
-
-def _load_torchvision(source: str, root: str, download: bool, resolution: int) -> np.ndarray:
-    import torchvision
-
-    cls = getattr(torchvision.datasets, TORCHVISION_DATASETS[source])
-    try:
-        ds = cls(root=root, train=True, download=download)
-    except RuntimeError as e:  # torchvision: "Dataset not found. You can use download=True to download it"
-        hint = "" if download else " (data.download=false)"
-        raise DataError(f"{source} not found under {root}{hint}: {' '.join(str(e).split())}") from None
-    except OSError as e:  # no network, disk full, permissions
-        raise DataError(f"could not download {source} into {root}: {e}") from None
-    images = torch.as_tensor(np.asarray(ds.data))
-    images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)  # [N, C, H, W]
-    if images.shape[-1] != resolution:
-        images = resize(images, resolution)
-    return images.contiguous().numpy()
-
-
-def resize(images: torch.Tensor, resolution: int, chunk: int = 4096) -> torch.Tensor:
-    """Antialiased bilinear resize of uint8 [N, C, H, W] to [N, C, res, res]."""
-    out = []
-    for part in images.split(chunk):
-        x = torch.nn.functional.interpolate(
-            part.float(), size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False
-        )
-        out.append(x.round().clamp(0, 255).to(torch.uint8))
-    return torch.cat(out)
-
-
-class ArrayStream:
-    """Endless batches from images held in memory, in a seeded shuffled order, split across ranks.
-
-    The global order is a fresh permutation per epoch, drawn from (seed, epoch). Global batch k is images
-    [k*B, (k+1)*B) of that order (crossing into the next epoch when the dataset does not divide by B); rank r takes
-    the r-th slice of B/world. The position (images consumed over all ranks) is the whole state: a stream
-    created at position p yields exactly what the original yielded after p images, on any world size.
-    """
-
-    def __init__(self, images: np.ndarray, batch: int, rank: int, world_size: int, seed: int, xflip: bool = False,
-                 pin_memory: bool = False):  # fmt: skip
-        """pin_memory: gather each batch straight into pinned memory (for an asynchronous copy to a CUDA device;
-        without CUDA it does nothing). Only the batch is pinned, never the whole dataset."""
-        if len(images) == 0:
-            raise DataError("the dataset has no images")
-        self.images = torch.from_numpy(np.ascontiguousarray(images))
-        self.batch, self.rank, self.world_size = batch, rank, world_size
-        self.seed, self.xflip = seed, xflip
-        self.pin_memory = pin_memory and torch.cuda.is_available()
-        self.position = 0
-        self._epoch_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def _epoch(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # (permutation [N], flip mask [N]) of one epoch; the last two epochs are kept.
-        if epoch not in self._epoch_cache:
-            g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0]))
-            perm = torch.randperm(len(self.images), generator=g)
-            flip = torch.rand(len(self.images), generator=g) < 0.5
-            self._epoch_cache = {e: v for e, v in self._epoch_cache.items() if e >= epoch - 1}
-            self._epoch_cache[epoch] = (perm, flip)
-        return self._epoch_cache[epoch]
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> torch.Tensor:
-        per_rank = self.batch // self.world_size
-        start = self.position + self.rank * per_rank
-        pos = torch.arange(start, start + per_rank)  # global sample positions of this rank's slice
-        n = len(self.images)
-        index = torch.empty(per_rank, dtype=torch.long)
-        flip = torch.empty(per_rank, dtype=torch.bool)
-        for epoch in (pos // n).unique().tolist():  # one or two epochs per batch
-            sel = pos // n == epoch
-            perm, fl = self._epoch(epoch)
-            index[sel], flip[sel] = perm[pos[sel] % n], fl[pos[sel] % n]
-        # [B_local, C, H, W], a fresh tensor per batch (the consumer may still be copying the previous one)
-        out = torch.empty((per_rank, *self.images.shape[1:]), dtype=self.images.dtype, pin_memory=self.pin_memory)
-        torch.index_select(self.images, 0, index, out=out)
-        if self.xflip:
-            out[flip] = out[flip].flip(-1)
-        self.position += self.batch
-        return out
-
-    def peek(self, n: int) -> torch.Tensor:
-        """The dataset's first n images (for a grid of reals), without moving the stream."""
-        return self.images[:n]
-
-    def take_stats(self) -> dict[str, float]:
-        return {}  # images in memory: nothing can fail to decode
-
-    def close(self) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {"position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.position = int(state["position"])

@@ -1,8 +1,13 @@
 """The manifest.json of a folder of WebDataset shards: what `distgan prepare` writes and every reader checks.
 
 The manifest is written last and atomically, so its presence means the folder is complete. It lists each shard
-with its sample count, size and sha256, the image geometry (resolution, channels, mode, encoding) and the class
-names; a reader needs nothing else to plan an epoch across ranks without opening a tar. Shard names are plain
+with its sample count, size and sha256, the image geometry (resolution, channels, mode, encoding), the class
+names and how many samples each class has ("class_counts", aligned with "classes"); a reader needs nothing else to
+plan an epoch across ranks without opening a tar, nor to know the data's classes before training.
+
+"class_counts" came after version 1 was fixed, and stays version 1: it is optional (a manifest without it reads
+as "counts unknown"), and older distgan versions ignore keys they do not know, so they still read new manifests.
+A version bump would have made them refuse manifests they can read perfectly well. Shard names are plain
 file names relative to the manifest's folder, so the folder can be moved or copied as a whole.
 
 This module imports neither torch nor PIL: a launcher can read a manifest before any heavy import.
@@ -121,6 +126,14 @@ def _problem(m) -> str | None:
     total = sum(s["samples"] for s in shards)
     if total != m["num_samples"]:
         return f"num_samples is {m['num_samples']} but the shards hold {total}"
+    counts = m.get("class_counts")
+    if counts is not None:  # optional: manifests written before distgan counted classes lack it
+        if not isinstance(counts, list) or not all(_is_int(c) and c >= 0 for c in counts):
+            return "class_counts is not a list of non-negative integers"
+        if len(counts) != len(classes):
+            return f"class_counts has {len(counts)} entries for {len(classes)} classes"
+        if classes and sum(counts) != m["num_samples"]:
+            return f"class_counts add up to {sum(counts)}, not num_samples {m['num_samples']}"
     if not isinstance(m.get("skipped", []), list):
         return "skipped is not a list"
     return None

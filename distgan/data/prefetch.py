@@ -3,10 +3,12 @@
 Prefetcher(stream, device) wraps a batch stream (ShardStream, ArrayStream) and offers the same interface. It
 holds the NEXT batch, already pulled from the stream and, on CUDA, already being copied to the device on a side
 CUDA stream (non_blocking, from the pinned batches make_stream(..., device) asks for), so that the copy of batch
-k+1 overlaps training step k instead of stalling it. next() makes the current CUDA stream wait for the copy and
-tells the caching allocator that the current stream uses the tensor (record_stream: else its memory could be
-handed to the side stream's next copy while the step still reads it), returns the device tensor, and pulls and
-starts copying the one after. On CPU the same code runs, the copy a no-op (.to(cpu) returns the same tensor)
+k+1 overlaps training step k instead of stalling it. A batch is a Batch (batch.py): its images and its labels
+(when the data has classes) are copied together, on the same side stream, so a label never arrives without its
+image. next() makes the current CUDA stream wait for the copy and tells the caching allocator that the current
+stream uses each of the batch's tensors (record_stream: else their memory could be handed to the side stream's
+next copy while the step still reads it), returns the Batch on the device, and pulls and starts copying the one
+after. On CPU the same code runs, the copy a no-op (.to(cpu) returns the same tensor)
 and the side stream absent, so the CPU tests exercise the GPU path's logic.
 
 Exactness. A checkpoint records state_dict(). With one batch pulled ahead, the wrapped stream has moved past a
@@ -29,6 +31,8 @@ import contextlib
 import copy
 
 import torch
+
+from distgan.data.batch import Batch
 
 
 class Prefetcher:
@@ -138,8 +142,8 @@ class Prefetcher:
 
 
 def _to(batch, device: torch.device):
-    """The batch on `device`: a tensor, or tuples/lists/dicts of them (labels may come with the images)."""
-    if isinstance(batch, torch.Tensor):
+    """The batch on `device`: a Batch (images and labels), a tensor, or tuples/lists/dicts of them."""
+    if isinstance(batch, (Batch, torch.Tensor)):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, (tuple, list)):
         return type(batch)(_to(b, device) for b in batch)
@@ -149,7 +153,10 @@ def _to(batch, device: torch.device):
 
 
 def _record_stream(batch, stream) -> None:
-    if isinstance(batch, torch.Tensor):
+    if isinstance(batch, Batch):
+        _record_stream(batch.images, stream)
+        _record_stream(batch.labels, stream)
+    elif isinstance(batch, torch.Tensor):
         if batch.is_cuda:
             batch.record_stream(stream)
     elif isinstance(batch, (tuple, list)):

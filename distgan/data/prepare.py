@@ -14,6 +14,9 @@ Design:
   rest; a different plan is refused. manifest.json is written last: its presence means the folder is complete.
 - Unreadable images are skipped, not fatal: each leaves a gap in the keys and an entry in the manifest's
   "skipped"; the sample counts in the manifest are what the shards hold.
+- Classes: a source with classes (torchvision, shapes, a folder of class sub-folders) writes KEY.cls, the class
+  index as text, next to each image; the manifest lists the names ("classes") and how many samples of each the
+  shards hold ("class_counts"), so training knows the class frequencies without reading a shard.
 - Resizing is antialiased Lanczos; a crop resamples the centred square box of the source directly (no second
   rounding), a pad scales the long side to R and centres the result on black.
 """
@@ -34,12 +37,12 @@ from pathlib import Path
 
 import numpy as np
 
+from distgan.data.catalog import TORCHVISION_DATASETS
 from distgan.data.manifest import FORMAT, MANIFEST, VERSION, sha256_file, write_json_atomic, write_manifest
 from distgan.errors import DataError, UserError
 
 PLAN = "prepare.json"
-SOURCES = ("folder", "shapes", "mnist", "fashion_mnist", "cifar10")
-TORCHVISION = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}
+SOURCES = ("folder", "shapes", *TORCHVISION_DATASETS)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 GREY_MODES = ("L", "LA", "1", "I", "F")  # and I;16, I;16B, ...: one channel of intensity
@@ -190,7 +193,7 @@ def open_shapes(num: int | None, seed: int, size: int | None) -> Source:
 def open_torchvision(kind: str, root: str, download: bool, num: int | None) -> Source:
     import torchvision
 
-    cls = getattr(torchvision.datasets, TORCHVISION[kind])
+    cls = getattr(torchvision.datasets, TORCHVISION_DATASETS[kind])
     try:
         ds = cls(root=root, train=True, download=download)
     except RuntimeError as e:  # torchvision: "Dataset not found. You can use download=True to download it"
@@ -274,6 +277,7 @@ class Spec:
     format: str
     quality: int
     has_classes: bool
+    num_classes: int = 0
 
 
 @dataclass(frozen=True)
@@ -399,7 +403,7 @@ def write_shard(task: ShardTask, progress=None) -> dict:
     """Write one whole shard through a .tmp file, fsync and rename; returns its manifest entry (+ skipped, index)."""
     out = Path(task.out)
     final, tmp = out / task.name, out / (task.name + ".tmp")
-    samples, skipped = 0, []
+    samples, skipped, class_counts = 0, [], {}
     with open(tmp, "wb") as f:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for offset, (name, img, label, error) in enumerate(_samples(task.payload, task.spec)):
@@ -411,17 +415,18 @@ def write_shard(task: ShardTask, progress=None) -> dict:
                 key = f"{task.first_key + offset:08d}"
                 if task.spec.has_classes:
                     _tar_add(tar, f"{key}.cls", str(label).encode())
+                    class_counts[label] = class_counts.get(label, 0) + 1
                 _tar_add(tar, f"{key}.{task.spec.format}", encode(img, task.spec))
                 samples += 1
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, final)
-    return _entry(task, final, samples, skipped)
+    return _entry(task, final, samples, skipped, class_counts)
 
 
-def _entry(task: ShardTask, path: Path, samples: int, skipped: list) -> dict:
+def _entry(task: ShardTask, path: Path, samples: int, skipped: list, class_counts: dict[int, int]) -> dict:
     return {"index": task.index, "name": task.name, "samples": samples, "bytes": path.stat().st_size,
-            "sha256": sha256_file(path), "skipped": skipped}  # fmt: skip
+            "sha256": sha256_file(path), "skipped": skipped, "class_counts": class_counts}  # fmt: skip
 
 
 def _existing_shard(task: ShardTask) -> dict | None:
@@ -430,15 +435,26 @@ def _existing_shard(task: ShardTask) -> dict | None:
     Its skipped samples are the keys missing from it; their reasons are found by reading them again.
     """
     path = Path(task.out) / task.name
+    labels: dict[str, int] = {}  # key -> class, from the .cls members (with classes)
     try:
         with tarfile.open(path, mode="r:") as tar:
             names = tar.getnames()
-    except (OSError, tarfile.TarError):
+            if task.spec.has_classes:
+                for member in tar.getmembers():
+                    if member.name.endswith(".cls"):
+                        labels[member.name[: -len(".cls")]] = int(tar.extractfile(member).read().decode("ascii"))
+    except (OSError, tarfile.TarError, ValueError):  # (ValueError: a .cls that is not a number)
         return None
     image_keys = {n.rsplit(".", 1)[0] for n in names if n.endswith("." + task.spec.format)}
     offsets = [int(k) - task.first_key for k in image_keys if k.isdigit()]
     if len(offsets) != len(image_keys) or not all(0 <= o < task.count for o in offsets):
         return None
+    class_counts: dict[int, int] = {}
+    if task.spec.has_classes:
+        if set(labels) != image_keys or not all(0 <= v < task.spec.num_classes for v in labels.values()):
+            return None
+        for label in labels.values():
+            class_counts[label] = class_counts.get(label, 0) + 1
     skipped = []
     missing = sorted(set(range(task.count)) - set(offsets))
     if missing:
@@ -451,7 +467,7 @@ def _existing_shard(task: ShardTask) -> dict | None:
             except Exception as e:  # the same failure as when the shard was written
                 error = _one_line(e).replace(str(Path(root) / rel), rel)
             skipped.append({"path": rel, "error": error})
-    return _entry(task, path, len(offsets), skipped)
+    return _entry(task, path, len(offsets), skipped, class_counts)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -481,6 +497,7 @@ def prepare(args: argparse.Namespace) -> dict:
         format=args.format,
         quality=args.quality,
         has_classes=bool(source.classes),
+        num_classes=len(source.classes),
     )
 
     # Fix the order and the shard size.
@@ -525,6 +542,10 @@ def prepare(args: argparse.Namespace) -> dict:
 
     # Report, and write the manifest last.
     skipped = sorted((s for e in entries for s in e.pop("skipped")), key=lambda s: s["path"])
+    class_counts = [0] * len(source.classes)
+    for e in entries:
+        for label, n in e.pop("class_counts").items():
+            class_counts[label] += n
     num_samples = sum(e["samples"] for e in entries)
     if num_samples == 0:
         example = f" (e.g. {skipped[0]['path']}: {skipped[0]['error']})" if skipped else ""
@@ -538,6 +559,7 @@ def prepare(args: argparse.Namespace) -> dict:
         "mode": spec.mode,
         "image_format": spec.format,
         "classes": source.classes,
+        "class_counts": class_counts,  # samples per class in the shards, aligned with "classes"
         "shards": [{k: e[k] for k in ("name", "samples", "bytes", "sha256")} for e in entries if e["samples"]],
         "skipped": skipped,
         "source": {"kind": source.kind, **source.info, **{k: v for k, v in plan.items() if k not in _PLAN_ONLY}},

@@ -1,5 +1,10 @@
 """The shard streamer: every rank and loader worker reads its own endless, deterministic share of the shards.
 
+next(stream) is a Batch (data/batch.py): images uint8 [B_local, C, R, R] and, when the shards have classes,
+labels int64 [B_local] (else None). A sample's label is read from its own record (KEY.cls) in the same step as
+its image and written into the same slot of the batch, so labels follow their images through shuffling, flips,
+workers, ranks and resumes with nothing to keep in step.
+
 How the shards are shared. Epoch e visits all S shards in an order drawn from (seed, e). Concatenating the
 epochs gives one endless global sequence of shard visits; with R ranks of W loader workers there are N = R*W
 slots (W counts as 1 with data.workers=0), and slot s = rank*W + worker takes visits s, s + N, s + 2N, ... of it.
@@ -20,6 +25,13 @@ So
     never holds more than one shard (every visit of a slot is in another epoch). Nothing breaks, but the data is
     mixed less well: describe() says so, and more, smaller shards (`distgan prepare --shard-samples`) fix it.
 
+Labels. The shards have classes when their manifest lists some ("classes"). Without a manifest: when the stream
+is given a class count (make_stream passes a conditional model's model.num_classes), else when the first sample
+of the first readable shard has a .cls member (shards are labelled throughout or not at all: `distgan prepare`
+writes .cls for every sample or for none). Labelled shards need a .cls in every sample: a sample without one, or
+whose .cls is not a class index (a non-negative integer, below the class count when it is known), is a bad
+sample, counted like an image that does not decode. Unlabelled shards' .cls members are not read.
+
 Shuffling. Each slot collects its records in blocks of `shuffle_buffer` (a block never spans two epochs) and
 yields a block in an order drawn from (seed, slot, block number), flipping images left-right from the same draw
 when x-flips are on. Records are kept as undecoded bytes until yielded.
@@ -32,16 +44,18 @@ starts every worker at its place: it re-reads at most one block per worker and y
 uninterrupted run would have, on the same ranks x workers. A manifest's sample counts let it skip to shard j
 without opening the ones before.
 
-Hand-over. A batch is written straight into the tensor the rank receives, a fresh one per batch (the consumer
-may still hold, or be copying, the previous one): in a loader worker it is allocated in shared memory, which is
-how the DataLoader passes tensors between processes (a tensor allocated anywhere else is copied into shared
-memory on the way); read in the rank's own process and training on CUDA, it is allocated pinned. With
-pin_memory and loader workers, the DataLoader pins each batch (one copy, the price of an asynchronous copy to
-the GPU; see prefetch.py).
+Hand-over. A batch is written straight into the tensors the rank receives (images and labels), fresh ones per
+batch (the consumer may still hold, or be copying, the previous one): in a loader worker they are allocated in
+shared memory, which is how the DataLoader passes tensors between processes (a tensor allocated anywhere else is
+copied into shared memory on the way); read in the rank's own process and training on CUDA, they are allocated
+pinned. With pin_memory and loader workers, the DataLoader pins each Batch (Batch.pin_memory: one copy, the
+price of an asynchronous copy to the GPU; see prefetch.py).
 
 Faults. A sample that does not decode is skipped and counted; a shard that cannot be opened or breaks mid-way is
 skipped from that point (its unread samples counted as bad, from the manifest when known) and its name kept.
-Once a slot has found every one of the S shards empty since it last read a sample, it raises DataError.
+Once a slot has found every one of the S shards empty since it last read a sample, or has read a whole visit
+of every shard without one usable sample (all images undecodable, labelled shards without labels), it raises
+DataError: the data would otherwise be read forever without yielding a batch.
 Counts travel with the batches; the trainer sums them over ranks and stops the run past data.max_bad_fraction.
 """
 
@@ -56,6 +70,7 @@ import numpy as np
 import torch
 
 from distgan.data import shards as sh
+from distgan.data.batch import Batch
 from distgan.errors import DataError
 
 
@@ -148,28 +163,52 @@ class SlotReader:
     def _bad_list(self) -> str:
         return ", ".join(sorted(self.bad_shards)[:5]) or "(all empty)"
 
-    def samples(self, place: dict | None, resolution: int, channels: int, xflip: bool):
-        """Yields (key, image uint8 [C, R, R], place after it) forever, starting from `place`."""
+    def samples(self, place: dict | None, resolution: int, channels: int, xflip: bool, labelled: bool = False,
+                num_classes: int | None = None):  # fmt: skip
+        """Yields (key, image uint8 [C, R, R], label or None, place after it) forever, starting from `place`.
+
+        labelled: read each sample's class from its .cls member (in [0, num_classes) when that is not None); a
+        sample without a valid one is bad."""
         p = dict(place or {"j": 0, "off": 0, "b": 0, "t": 0})
         j, off, b, t = p["j"], p["off"], p["b"], p["t"]
+        # A run of blocks without one usable sample, and the shards of which it holds a whole visit: once it holds
+        # one of every shard, nothing will ever be usable (every image undecodable, or labelled shards without
+        # labels), and the slot says so instead of reading on forever. Counted at block ends, where the order in
+        # which records are read and the order in which they were stored meet.
+        next_v, unusable, bad_in_a_row, last_error = j if off == 0 else j + 1, set(), 0, ""
         while True:
             records, next_j, next_off = self._collect(j, off)
             g = _rng(self.seed, self.slot, b, 0xB10C)
             order = g.permutation(len(records))
             flips = g.random(len(records)) < 0.5
+            usable = t > 0  # (a resumed block: its place is after a sample it yielded)
             for idx in range(t, len(records)):
                 record = records[order[idx]]
                 self.stats["samples"] += 1
                 self.stats["refused"] += record.refused
                 try:
+                    label = read_label(record, num_classes) if labelled else None  # (cheaper than the image: first)
                     image = sh.decode_image(record, resolution, channels)
                 except Exception as e:  # noqa: BLE001 (any decoder failure is a bad sample, never a crash)
                     self.stats["bad"] += 1
                     self.bad_shards.add(f"{sh.shard_name(record.url)} ({type(e).__name__} in {record.key})")
+                    bad_in_a_row += 1
+                    last_error = f"{sh.shard_name(record.url)}: {' '.join(str(e).split())[:200]}"
                     continue
+                usable = True
                 if xflip and flips[idx]:
                     image = image[:, :, ::-1]
-                yield record.key, image, {"j": j, "off": off, "b": b, "t": idx + 1}
+                yield record.key, image, label, {"j": j, "off": off, "b": b, "t": idx + 1}
+            if usable:
+                next_v, unusable, bad_in_a_row = next_j if next_off == 0 else next_j + 1, set(), 0
+            else:
+                unusable.update(self.visit(v)[1] for v in range(next_v, next_j))  # (visits before next_j: read)
+                next_v = max(next_v, next_j)
+                if len(unusable) == len(self.urls):
+                    raise DataError(
+                        f"no usable sample in any of the {len(self.urls)} shards: {bad_in_a_row} bad samples in a "
+                        f"row, every shard read whole (e.g. {last_error or self._bad_list()})"
+                    )
             j, off, b, t = next_j, next_off, b + 1, 0
 
     def take_stats(self) -> tuple[dict[str, int], list[str]]:
@@ -179,15 +218,43 @@ class SlotReader:
         return stats, bad
 
 
+def read_label(record: sh.Record, num_classes: int | None) -> int:
+    """The class index in a record's .cls member (ASCII digits, as WebDataset writes it); raises ValueError if it
+    is missing, not a non-negative integer, or not below num_classes (when known)."""
+    data = record.get("cls")
+    if data is None:
+        raise ValueError(f"sample {record.key} has no .cls member (the shards have classes)")
+    text = data.decode("ascii", "replace").strip() if len(data) <= 32 else ""  # (a class index is short)
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"sample {record.key}: .cls {data[:20]!r} is not a class index")
+    label = int(text)
+    if num_classes is not None and label >= num_classes:
+        raise ValueError(f"sample {record.key}: class {label} is not below {num_classes}")
+    return label
+
+
+def shards_have_labels(urls: list[str], allow_pipe: bool) -> bool:
+    """Whether shards without a manifest are labelled: the first sample of the first readable shard has a .cls."""
+    for url in urls[:4]:
+        try:
+            with sh.open_shard(url, allow_pipe) as f:
+                for record in sh.iter_records(f):
+                    return "cls" in record
+        except (OSError, tarfile.TarError, ValueError, EOFError):  # unreadable: the stream counts it; try the next
+            continue
+    return False
+
+
 class _Batches(torch.utils.data.IterableDataset):
     """What each loader worker runs: its slot's samples, in batches that carry their place and fault counts."""
 
     def __init__(self, shard_list, rank, world_size, n_workers, batch, resolution, channels, data_cfg, seed,
-                 pin_memory=False):  # fmt: skip
+                 pin_memory=False, labelled=False, num_classes=None):  # fmt: skip
         self.shard_list, self.rank, self.world_size, self.n_workers = shard_list, rank, world_size, n_workers
         self.batch, self.resolution, self.channels, self.seed = batch, resolution, channels, seed
         self.block, self.xflip, self.allow_pipe = data_cfg.shuffle_buffer, data_cfg.xflip, data_cfg.allow_pipe
-        self.pin_memory = pin_memory  # (only where this runs in the rank's own process; see _new_batch)
+        self.labelled, self.num_classes = labelled, num_classes
+        self.pin_memory = pin_memory  # (only where this runs in the rank's own process; see _new_tensor)
         self.rotation = 0  # loader worker i serves logical worker (i + rotation) % n_workers
         self.places: list[dict | None] = [None] * n_workers
 
@@ -206,20 +273,36 @@ class _Batches(torch.utils.data.IterableDataset):
         )
         shape = (self.batch, self.channels, self.resolution, self.resolution)
         in_worker, pin = info is not None, self.pin_memory and info is None
-        batch, images = _new_batch(shape, shared=in_worker, pinned=pin)
+
+        def new_batch() -> tuple[Batch, np.ndarray, np.ndarray | None]:
+            images, image_view = _new_tensor(shape, torch.uint8, shared=in_worker, pinned=pin)
+            if not self.labelled:
+                return Batch(images), image_view, None
+            labels, label_view = _new_tensor((self.batch,), torch.int64, shared=in_worker, pinned=pin)
+            return Batch(images, labels), image_view, label_view
+
+        batch, images, labels = new_batch()
         keys: list[str] = []
-        for key, image, place in reader.samples(self.places[w], self.resolution, self.channels, self.xflip):
+        samples = reader.samples(
+            self.places[w], self.resolution, self.channels, self.xflip, self.labelled, self.num_classes
+        )
+        for key, image, label, place in samples:
+            if labels is not None:
+                labels[len(keys)] = label  # the same slot as its image: they travel together from here on
             images[len(keys)] = image
             keys.append(key)
             if len(keys) == self.batch:
                 stats, bad = reader.take_stats()
-                yield {"images": batch, "keys": keys, "worker": w, "place": place, "stats": stats, "bad_shards": bad}
-                batch, images = _new_batch(shape, shared=in_worker, pinned=pin)
+                yield {"batch": batch, "keys": keys, "worker": w, "place": place, "stats": stats, "bad_shards": bad}
+                batch, images, labels = new_batch()
                 keys = []
 
 
-def _new_batch(shape: tuple[int, ...], shared: bool, pinned: bool) -> tuple[torch.Tensor, np.ndarray]:
-    """A fresh uint8 batch tensor and a numpy view of it to write the samples into (handed over without a copy).
+def _new_tensor(
+    shape: tuple[int, ...], dtype: torch.dtype, shared: bool, pinned: bool
+) -> tuple[torch.Tensor, np.ndarray]:
+    """A fresh tensor for one batch's images or labels, and a numpy view of it to write the samples into (handed
+    over without a copy).
 
     shared: in a loader worker. The DataLoader passes tensors to the rank through shared memory; one allocated
     anywhere else is copied into shared memory when pickled (torch's reductions), so allocate it there
@@ -227,20 +310,25 @@ def _new_batch(shape: tuple[int, ...], shared: bool, pinned: bool) -> tuple[torc
     device, so that the copy to the GPU can be asynchronous (with workers the DataLoader's pin thread does it).
     """
     if shared:
-        storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
-        out = torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * itemsize)
+        out = torch.empty(0, dtype=dtype).set_(storage, 0, shape)
     else:
-        out = torch.empty(shape, dtype=torch.uint8, pin_memory=pinned)
+        out = torch.empty(shape, dtype=dtype, pin_memory=pinned)
     return out, out.numpy()
 
 
 class ShardStream:
-    """A rank's endless batches from WebDataset shards: uint8 [B_local, C, R, R], resumable, fault-counting."""
+    """A rank's endless batches from WebDataset shards: Batch(images uint8 [B_local, C, R, R], labels int64
+    [B_local] or None), resumable, fault-counting."""
 
     def __init__(self, data_cfg, resolution: int, channels: int, batch: int, rank: int, world_size: int, seed: int,
-                 pin_memory: bool = False):  # fmt: skip
+                 pin_memory: bool = False, num_classes: int | None = None):  # fmt: skip
         """pin_memory: hand out batches in pinned memory, for an asynchronous copy to a CUDA device (set it when
-        training on CUDA; without CUDA it does nothing, as with the DataLoader's own flag)."""
+        training on CUDA; without CUDA it does nothing, as with the DataLoader's own flag).
+
+        num_classes: for shards without a manifest only (a manifest's class list decides otherwise): a positive
+        count says they are labelled, with classes below it; None looks at their first sample."""
         shard_list = sh.resolve(data_cfg.shards, data_cfg.allow_pipe)
         m = shard_list.manifest
         if m is not None and (m["resolution"], m["channels"]) != (resolution, channels):
@@ -251,6 +339,15 @@ class ShardStream:
             )
         sh.check_available(shard_list.urls)
         self.shard_list = shard_list
+        # Labelled or not, decided once here for every worker (see the module docstring).
+        if m is not None:
+            self.classes: list[str] | None = list(m["classes"])
+            self.labelled, self.num_classes = bool(m["classes"]), len(m["classes"]) or None
+        elif num_classes:
+            self.classes, self.labelled, self.num_classes = None, True, num_classes
+        else:
+            self.classes, self.num_classes = None, None
+            self.labelled = shards_have_labels(shard_list.urls, data_cfg.allow_pipe)
         self.rank, self.world_size = rank, world_size
         # As many loader workers as asked, whatever the shard count: no slot runs dry (see the module docstring);
         # with fewer shards than slots, describe() says what that costs.
@@ -258,7 +355,7 @@ class ShardStream:
         self.pin_memory = pin_memory and torch.cuda.is_available()
         n_logical = max(self.loader_workers, 1)
         args = (shard_list, rank, world_size, n_logical, batch // world_size, resolution, channels, data_cfg, seed)
-        self.dataset = _Batches(*args, pin_memory=self.pin_memory)
+        self.dataset = _Batches(*args, pin_memory=self.pin_memory, labelled=self.labelled, num_classes=self.num_classes)
         self.batches = 0  # batches this rank has consumed
         self.last_keys: list[str] = []
         self._stats = {"samples": 0, "bad": 0, "refused": 0}
@@ -269,6 +366,9 @@ class ShardStream:
         src = self.shard_list.manifest["root"] if self.shard_list.manifest else f"{len(self.shard_list.urls)} URLs"
         n, n_shards = self.shard_list.num_samples, len(self.shard_list.urls)
         size = f"{n} samples in " if n is not None else ""
+        if self.labelled:  # (shards without labels: said by saying nothing, as before labels existed)
+            kinds = f"of {self.num_classes} classes" if self.num_classes else "with labels"
+            size = f"{n} samples {kinds} in " if n is not None else f"samples {kinds} in "
         workers = f"{self.loader_workers} loader worker{'' if self.loader_workers == 1 else 's'} per rank"
         line = f"data: {size}{n_shards} shards from {src}, {workers}"
         slots = self.world_size * self.dataset.n_workers
@@ -306,14 +406,12 @@ class ShardStream:
         self._it = iter(loader)
         _workers[:] = [w for w in _workers if w.is_alive()] + list(getattr(self._it, "_workers", []))
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self) -> Batch:
         if self._it is None:
             self._start()
         try:
             batch = next(self._it)
-        except DataError:
-            raise
-        except Exception as e:
+        except Exception as e:  # (a worker's DataError comes back as a DataError too, its traceback in the text)
             raise _unwrap_worker_error(e) from None
         self.dataset.places[batch["worker"]] = batch["place"]
         self.batches += 1
@@ -321,7 +419,7 @@ class ShardStream:
             self._stats[k] += v
         self._bad_shards.update(batch["bad_shards"])
         self.last_keys = batch["keys"]
-        return batch["images"]
+        return batch["batch"]
 
     def take_stats(self) -> dict[str, float]:
         """Fault counts since the last call (the trainer sums them over ranks)."""
@@ -335,7 +433,8 @@ class ShardStream:
         return sorted(self._bad_shards)
 
     def peek(self, n: int) -> torch.Tensor | None:
-        """Up to n images from the start of the first shard, for a grid of reals (the stream does not move)."""
+        """Up to n images (uint8 [n, C, R, R], no labels) from the start of the first shard, for a grid of reals
+        (the stream does not move)."""
         out = []
         for url in self.shard_list.urls[:4]:
             try:

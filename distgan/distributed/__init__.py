@@ -20,6 +20,7 @@ Two traps this module closes (measured, see ../shared/ENVIRONMENT.md in the team
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import os
 import warnings
@@ -33,6 +34,7 @@ from distgan import launcher
 from distgan.distributed import strict
 from distgan.distributed.nets import TorchNet
 from distgan.errors import LaunchError
+from distgan.precision import Precision
 
 
 @dataclass
@@ -59,10 +61,25 @@ class Dist:
     control: Any = None  # the gloo group for host-side agreements (None in a world of one)
     group_device: torch.device | None = None  # where default-group tensors live: `device` under NCCL, cpu under gloo
     local_world_size: int = 1
+    # Decided once at start (setup): how G and D are spread (ddp, zero1, zero2) and the precision they run in.
+    strategy: str = "ddp"
+    precision: Precision | None = None
 
     def __post_init__(self):
         if self.group_device is None:
             self.group_device = self.device if self.device.type == "cuda" else torch.device("cpu")
+        if self.precision is None:
+            self.precision = Precision("fp32", self.device)
+
+    def configured(self, precision: str, strategy: str) -> Dist:
+        """This process group, set up for another precision and strategy (several runs in one group: tests)."""
+        from distgan.errors import ConfigError
+
+        problem = bf16_problem(precision, self.device)
+        if problem:
+            raise ConfigError(problem)
+        strategy = launcher.resolve_strategy(strategy, precision)
+        return dataclasses.replace(self, precision=Precision(precision, self.device), strategy=strategy)
 
     @property
     def is_main(self) -> bool:
@@ -73,16 +90,16 @@ class Dist:
         return self.local_rank == 0
 
     # -------------------------------------------------------------- models
-    def make_net(self, name: str, module: nn.Module, optimizer, strategy: str, precision: str, micro_batch: int,
-                 accum: int = 1, scaler=None):  # fmt: skip
-        """The trainer's handle on one network under `strategy` (resolved: ddp, zero1, zero2); see nets.py.
-
-        micro_batch: images per forward on this rank; accum: micro-batches whose gradients make one step."""
+    def make_net(self, name: str, module: nn.Module, optimizer, micro_batch: int, accum: int = 1):
+        """The trainer's handle on one network under this launch's strategy and precision (see nets.py), with its
+        own loss scaler. micro_batch: images per forward on this rank; accum: micro-batches per step."""
         module = module.to(self.device)
-        if strategy.startswith("zero"):
+        if self.strategy.startswith("zero"):
             from distgan.distributed.zero import ZeroNet  # imports deepspeed: only when asked for
 
-            return ZeroNet(name, module, optimizer, int(strategy[4:]), precision, micro_batch, self.device, accum)
+            stage, mode = int(self.strategy[4:]), self.precision.mode
+            return ZeroNet(name, module, optimizer, stage, mode, micro_batch, self.device, accum)
+        scaler = self.precision.make_scaler()
         return TorchNet(name, module, optimizer, self._ddp(module), scaler=scaler, accum=accum)
 
     def _ddp(self, module: nn.Module) -> nn.Module:
@@ -192,12 +209,12 @@ class Dist:
         port = self.broadcast_object(None)
         return TCPStore(host, port, self.world_size, is_master=False, timeout=wait)
 
-    def describe(self, precision: str, strategy: str = "ddp") -> str:
+    def describe(self) -> str:
         backend = torch.distributed.get_backend() if self.world_size > 1 else "none"
-        strategy = "single" if strategy == "ddp" and self.world_size == 1 else strategy
+        strategy = "single" if self.strategy == "ddp" and self.world_size == 1 else self.strategy
         return (
             f"launcher={self.launcher_name} backend={backend} world={self.world_size} device={self.device} "
-            f"threads/rank={self.threads} precision={precision} strategy={strategy}"
+            f"threads/rank={self.threads} precision={self.precision.mode} strategy={strategy}"
         )
 
     def close(self) -> None:
@@ -290,10 +307,13 @@ def bf16_problem(precision: str, device: torch.device) -> str | None:
     )
 
 
-def setup(precision: str = "fp32", threads: int = 0, deterministic: bool = False, timeout_s: float = 1800) -> Dist:
-    """Start or join the process group for this launch and return the `Dist` handle."""
+def setup(precision: str = "fp32", threads: int = 0, deterministic: bool = False, timeout_s: float = 1800,
+          strategy: str = "auto") -> Dist:  # fmt: skip
+    """Start or join the process group for this launch and return the `Dist` handle, which carries the strategy
+    (`auto` resolved from the launcher) and precision from then on."""
     world, local_world = launcher.world_size(), launcher.local_world_size()
     launcher.check_precision(precision)
+    strategy = launcher.resolve_strategy(strategy, precision)
     cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
     problem = device_problem(expected_gpus(), cuda_devices, local_world)
     if problem:
@@ -368,4 +388,6 @@ def setup(precision: str = "fp32", threads: int = 0, deterministic: bool = False
         launcher_name=launcher.name(),
         threads=threads,
         local_world_size=local_world,
+        strategy=strategy,
+        precision=Precision(precision, accelerator.device),
     )

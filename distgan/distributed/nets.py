@@ -3,9 +3,10 @@
 The trainer never touches a DDP wrapper or a DeepSpeed engine. It holds a `Net` for G and one for D and says
 what each forward is for:
 
-    D(x)             a forward in D's own phase: its loss is backpropagated into D's own step
-    D.penalty(x)     a forward whose input gradient is taken (R1, WGAN-GP; G's path length), create_graph=True
-    D.frozen(x)      a forward while the *other* network trains (D in G's phase): no gradient reaches D
+    D(x, c)          a forward in D's own phase: its loss is backpropagated into D's own step
+    D.penalty(x, c)  a forward whose input gradient is taken (R1, WGAN-GP; G's path length), create_graph=True
+    D.frozen(x, c)   a forward while the *other* network trains (D in G's phase): no gradient reaches D
+(`x` the input whose gradient the rules are about; `c` the class labels, or None, passed through.)
     D.backward(loss) accumulate the gradients of one micro-batch (reduced across ranks with the last one)
     D.step()         -> (gradient norm, skipped): the update, skipped on the device when a gradient is not finite
 
@@ -76,7 +77,7 @@ class Net:
         return self.scaler.scale(torch.ones((), device=self.params[0].device))
 
     # ------------------------------------------------------------------ forwards by intent
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         if not self.params[0].requires_grad:
             raise PhaseError(
                 f"{self.name} is frozen but was called for its own phase; a frozen network is called through "
@@ -87,32 +88,32 @@ class Net:
                 f"{self.name} was called with an input that requires its gradient; gradient penalties run their "
                 f"own forward through {self.name}.penalty() (rule 2)"
             )
-        return self._train_forward(x)
+        return self._train_forward(x, c)
 
-    def penalty(self, x: torch.Tensor) -> torch.Tensor:
+    def penalty(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         if not x.requires_grad:
             raise PhaseError(f"{self.name}.penalty() needs an input that requires its gradient")
         if not self.params[0].requires_grad:
             raise PhaseError(f"{self.name} is frozen; its penalty belongs to its own phase")
-        return self._penalty_forward(x)
+        return self._penalty_forward(x, c)
 
-    def frozen(self, x: torch.Tensor) -> torch.Tensor:
+    def frozen(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         if any(p.requires_grad for p in self.params):
             raise PhaseError(
                 f"{self.name} is called while the other network trains but is not frozen; freeze it with "
                 f"{self.name}.set_trainable(False) first, or the other network's backward reaches it (rule 1)"
             )
-        return self.module(x)
+        return self.module(x, c)
 
     def set_trainable(self, flag: bool) -> None:
         for p in self.params:
             p.requires_grad_(flag)
 
     # ------------------------------------------------------------------ what strategies provide
-    def _train_forward(self, x):
+    def _train_forward(self, x, c):
         raise NotImplementedError
 
-    def _penalty_forward(self, x):
+    def _penalty_forward(self, x, c):
         raise NotImplementedError
 
     def _accumulating(self):
@@ -134,18 +135,22 @@ class Net:
         """The optimizer's parameter groups (learning rate and betas live there)."""
         return self.optimizer.param_groups
 
-    def shared_state(self) -> dict:
-        """What rank 0 saves of this network in state.pt (identical on every rank)."""
-        return {}
+    # ------------------------------------------------------------------ checkpoints (a part of the run's state)
+    version = 1  # of state_dict()'s layout (distgan/training/state.py)
 
-    def rank_files(self) -> dict[str, bytes]:
+    def state_dict(self) -> dict:
+        """What rank 0 saves of this network in state.pt (identical on every rank); strategies add to it."""
+        return {"scaler": self.scaler.state_dict()}
+
+    def files(self) -> dict[str, bytes]:
         """This rank's own checkpoint files for this network (a collective: every rank calls it)."""
         return {}
 
-    def load(self, shared: dict, read, names: list[str]) -> None:
-        """Restore from a checkpoint: `shared` is its state.pt; `read(name, safe_globals)` loads one of its files
-        (hash-checked, weights_only with those classes allowed); `names` lists its files."""
-        raise NotImplementedError
+    def load_state_dict(self, state: dict, files=None) -> None:
+        """Restore from a checkpoint: `state` is what state_dict() gave; `files` reads the checkpoint's other files
+        (`files.read(name, safe_globals)`, hash-checked, weights_only with those classes allowed; `files.names`)."""
+        if state.get("scaler"):  # empty when the run that saved it did not scale
+            self.scaler.load_state_dict(state["scaler"])
 
     def state_tensors(self) -> list[torch.Tensor]:
         """Every tensor of this network's training state on this rank (checked for non-finite values)."""
@@ -163,12 +168,12 @@ class TorchNet(Net):
         super().__init__(name, module, optimizer, scaler, accum)
         self.wrapped = wrapped  # DDP(module), or the module itself in a world of one
 
-    def _train_forward(self, x):
-        return self.wrapped(x)
+    def _train_forward(self, x, c):
+        return self.wrapped(x, c)
 
-    def _penalty_forward(self, x):
+    def _penalty_forward(self, x, c):
         # Through DDP as well: only a forward through the wrapper arms its reducer for the coming backward.
-        return self.wrapped(x)
+        return self.wrapped(x, c)
 
     def _accumulating(self):
         # DDP decides at the forward whether the coming backward reduces: the forwards of the micro-batch must run
@@ -192,12 +197,17 @@ class TorchNet(Net):
         opt.zero_grad(set_to_none=True)
         return norm, skipped
 
-    def shared_state(self) -> dict:
-        return {self.name: self.module.state_dict(), f"opt_{self.name}": self.optimizer.state_dict()}
+    def state_dict(self) -> dict:
+        return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(), **super().state_dict()}
 
-    def load(self, shared, read, names) -> None:
-        self.module.load_state_dict(shared[self.name])
-        self.optimizer.load_state_dict(shared[f"opt_{self.name}"])
+    def load_state_dict(self, state, files=None) -> None:
+        from distgan.errors import CheckpointError
+
+        if "module" not in state:
+            raise CheckpointError(f"the checkpoint holds {self.name} as DeepSpeed partitions (a ZeRO run)")
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        super().load_state_dict(state, files)
 
 
 def make_adam(params, lr: float, betas: tuple[float, float], eps: float, device: torch.device):

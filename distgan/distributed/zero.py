@@ -158,13 +158,13 @@ class ZeroNet(Net):
         self._io = _InMemory(prefix=f"ds-{name}-")
         engine.checkpoint_engine = self._io
 
-    def _train_forward(self, x):
-        return self.engine(x)
+    def _train_forward(self, x, c):
+        return self.engine(x, c)
 
-    def _penalty_forward(self, x):
+    def _penalty_forward(self, x, c):
         # Rule 2: a forward whose input gradient is taken (create_graph) goes through the plain module; the
         # engine's backward still reduces the gradients, through the hooks ZeRO put on the parameters.
-        return self.module(x)
+        return self.module(x, c)
 
     def backward(self, loss):
         # DeepSpeed divides the loss by its gradient_accumulation_steps itself, and counts micro-steps: every
@@ -185,7 +185,7 @@ class ZeroNet(Net):
             norm = torch.tensor(float("inf") if norm is None else float(norm), device=device)
         return norm.detach().float().reshape(()), skipped
 
-    def rank_files(self) -> dict[str, bytes]:
+    def files(self) -> dict[str, bytes]:
         scratch = tempfile.mkdtemp(prefix="distgan-ds-")
         try:
             self._io.saved = {}
@@ -194,8 +194,10 @@ class ZeroNet(Net):
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
-    def load(self, shared, read, names) -> None:
+    def load_state_dict(self, state, files=None) -> None:
         """Restore through DeepSpeed's load_checkpoint (a collective)."""
+        super().load_state_dict(state, files)
+        read, names = files.read, files.names
         mine = [n[len(self._io.prefix) :] for n in names if n.startswith(self._io.prefix)]
         if not mine:
             from distgan.errors import CheckpointError

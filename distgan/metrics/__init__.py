@@ -1,6 +1,7 @@
 """Sample-quality metrics: FID, KID, Inception Score, precision/recall, on one process or many.
 
-    features.py   extractors: images -> features [N, F] (+ class logits [N, K]): `inception`, `torchscript:PATH`
+    features.py   extractors: images -> features [N, F] (+ class logits [N, K]): `inception`, `torchscript:PATH`;
+                  classifiers (`--classifier torchscript:PATH`): images -> class logits [N, K], for class_match
     sources.py    image sets: shards, an image folder, images in memory, a generator; each rank reads its share
     cache.py      real-data features cached on disk (safetensors), keyed by the data's hash and the extractor
     compute.py    the metrics from features, through torchmetrics and torch-fidelity (no copies of their maths)
@@ -9,7 +10,9 @@
 How a multi-process evaluation gives one process's answer: the images to use are a fixed list of global indices
 (a seeded subset of the reals, latents 0..N-1 of a seeded draw for a generator), rank r takes the r-th
 contiguous slice of it, and the gathered features are concatenated in rank order, i.e. in the list's order.
-Metrics then run once, on rank 0, on exactly the features one process would have computed.
+Metrics then run once, on rank 0, on exactly the features one process would have computed. A conditional
+generator's class of image i is a function of the seed and i too, so class_match (a classifier's predictions,
+gathered the same way, against those classes) is one process's value as well.
 
 This module imports no torch (the config validates `eval.*` keys with it before any heavy import).
 """
@@ -26,6 +29,9 @@ METRICS = {
     "pr": ("precision", "recall"),
 }
 REAL_FREE = ("is",)  # metrics of the fakes alone: no reference set needed
+# Reported besides --metrics when a classifier is given (`distgan eval --classifier`; inline eval has none): the
+# share of a conditional generator's images that the classifier assigns to the class they were generated for.
+CLASS_MATCH = "class_match"
 
 
 class MetricsError(UserError):
@@ -48,3 +54,10 @@ def features_problem(spec: str) -> str | None:
     if spec.startswith("torchscript:") and spec[len("torchscript:") :].strip():
         return None
     return f"features {spec!r} must be `inception` or `torchscript:PATH` (a TorchScript file you trust)"
+
+
+def classifier_problem(spec: str) -> str | None:
+    """What is wrong with a classifier spec (`torchscript:PATH`), or None; the file is not opened."""
+    if spec.startswith("torchscript:") and spec[len("torchscript:") :].strip():
+        return None
+    return f"classifier {spec!r} must be `torchscript:PATH` (a TorchScript file you trust: images -> class logits)"

@@ -9,6 +9,8 @@
                                             varied classes score high (Salimans et al. 2016); (mean, std over splits)
     precision_recall(real, fake, k)         the fraction of fakes inside the reals' k-NN manifold (fidelity) and of
                                             reals inside the fakes' (coverage) (Kynkäänniemi et al. 2019); k = 3
+    class_match(predicted, labels)          the share of a conditional generator's images that a classifier
+                                            assigns (argmax) to the class they were generated for; higher is better
 
 torchmetrics' metric classes run a feature network inside `update`; here that network is `_Given`, the identity,
 because the features were extracted already (one Inception pass serves every metric, and the cached real
@@ -94,6 +96,16 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3, batch: 
     # torch-fidelity's argument order: generated first, real second.
     real, fake = real.to(device, torch.float32), fake.to(device, torch.float32)
     return calculate_precision_recall_part(fake, real, neighborhood=k, batch_size=batch)
+
+
+def class_match(predicted: torch.Tensor, labels: torch.Tensor) -> float:
+    """predicted: a classifier's classes [N] (or its logits [N, K]), labels: the classes generated for [N] -> the
+    share that agree."""
+    if predicted.dim() == 2:
+        predicted = predicted.argmax(dim=1)
+    if predicted.shape != labels.shape:
+        raise MetricsError(f"class_match: {len(predicted)} predictions for {len(labels)} generated images")
+    return float((predicted.cpu() == labels.cpu()).double().mean())
 
 
 def compute_metrics(

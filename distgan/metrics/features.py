@@ -24,6 +24,13 @@ torchscript:PATH
     what its author compiled into it, so name only files you trust (distgan never picks one by itself).
 
 An extractor's `identity` (its name and the sha256 of its weights or file) keys the real-features cache.
+
+Classifiers (`distgan eval --classifier torchscript:PATH`, for class_match)
+    A TorchScript module mapping float images [N, C, H, W] in [-1, 1] (as above) to class logits [N, K], or to a
+    tuple whose last element is those logits (so a `torchscript:` extractor that returns (features, logits) serves
+    too). K and the label order must be the generator's: class k of the classifier is class k of the model.
+    `make_classifier(spec, device)`; `classifier(images)` -> float32 logits [N, K]; `num_classes(C, R)` runs it
+    once on two grey images to learn K before any image is generated. Trusted code, as above.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from pathlib import Path
 import torch
 
 from distgan.data.manifest import sha256_file
-from distgan.metrics import MetricsError, features_problem
+from distgan.metrics import MetricsError, classifier_problem, features_problem
 
 INCEPTION_HASH_PREFIX = "6726825d"  # the sha256 prefix in the file name (torch hub's convention)
 
@@ -154,14 +161,64 @@ def _weights_only_loads():
 
 def torchscript(path: str, device="cpu") -> Extractor:
     """A user's TorchScript extractor (trusted code: see the module doc)."""
+    file, module = _load_torchscript(path, device, "--features")
+    return Extractor(module, f"torchscript:{file.name}", f"torchscript:{sha256_file(file)[:16]}", device)
+
+
+def _load_torchscript(path: str, device, option: str) -> tuple[Path, torch.nn.Module]:
+    """(the file, its module in eval mode); `option` names the flag in the error lines."""
     file = Path(path)
     if not file.is_file():
-        raise MetricsError(f"--features torchscript:{path}: no such file")
+        raise MetricsError(f"{option} torchscript:{path}: no such file")
     try:
         with warnings.catch_warnings():  # torch 2.14 deprecates TorchScript; its files still load, and are asked for
             warnings.simplefilter("ignore", FutureWarning)
             module = torch.jit.load(str(file), map_location=torch.device(device))
     except Exception as e:  # noqa: BLE001 (not TorchScript, truncated, made by a newer torch)
         first = " ".join(str(e).split())[:200]
-        raise MetricsError(f"--features torchscript:{path}: not a loadable TorchScript file ({first})") from None
-    return Extractor(module.eval(), f"torchscript:{file.name}", f"torchscript:{sha256_file(file)[:16]}", device)
+        raise MetricsError(f"{option} torchscript:{path}: not a loadable TorchScript file ({first})") from None
+    return file, module.eval()
+
+
+# ---------------------------------------------------------------------- classifiers (class_match)
+
+
+class Classifier:
+    """A network that maps images to class logits [N, K] (see the module doc); images go in as [-1, 1] floats."""
+
+    def __init__(self, module: torch.nn.Module, name: str, identity: str, device):
+        self.module, self.name, self.identity, self.device = module, name, identity, torch.device(device)
+        self._k: dict[tuple[int, int], int] = {}
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """images: uint8 [N, C, H, W] -> class logits float32 [N, K] on the CPU."""
+        x = images.to(self.device).float() / 127.5 - 1  # [-1, 1], the generator's range
+        try:
+            out = self.module(x)
+        except RuntimeError as e:
+            first = " ".join(str(e).split())[:200]
+            raise MetricsError(f"{self.name} failed on images of shape {list(x.shape)}: {first}") from None
+        logits = out[-1] if isinstance(out, (tuple, list)) and len(out) else out
+        if not (isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.shape[0] == len(images)
+                and logits.shape[1] >= 1):  # fmt: skip
+            shape = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise MetricsError(f"{self.name} returned {shape} for {len(images)} images; a classifier must return "
+                               "class logits [N, K] (or a tuple ending with them)")  # fmt: skip
+        return logits.float().cpu()
+
+    def num_classes(self, channels: int, resolution: int) -> int:
+        """K: the classifier run once on two mid-grey images of this shape (remembered per shape)."""
+        shape = (channels, resolution)
+        if shape not in self._k:
+            self._k[shape] = self(torch.full([2, channels, resolution, resolution], 128, dtype=torch.uint8)).shape[1]
+        return self._k[shape]
+
+
+def make_classifier(spec: str, device="cpu") -> Classifier:
+    """`torchscript:PATH` (see the module doc); raises MetricsError with one line on any problem."""
+    problem = classifier_problem(spec)
+    if problem:
+        raise MetricsError(problem)
+    file, module = _load_torchscript(spec[len("torchscript:") :], device, "--classifier")
+    return Classifier(module, f"classifier torchscript:{file.name}", f"torchscript:{sha256_file(file)[:16]}", device)

@@ -179,27 +179,46 @@ class ArraySource:
 
 
 class GeneratorSource:
-    """G(z_i) for i in the indices; z_i is row i % LATENT_BLOCK of a block drawn from (seed, i // LATENT_BLOCK)."""
+    """G(z_i, c_i) for i in the indices; z_i is row i % LATENT_BLOCK of a block drawn from (seed, i // LATENT_BLOCK),
+    and for a conditional G the class c_i likewise (drawn like the data: `class_probs`, else uniformly), so image i
+    is the same whatever the batch, the rank or how many are drawn."""
 
     identity = None
     count = None
 
-    def __init__(self, G: torch.nn.Module, z_dim: int, seed: int = 0, name: str = "generator"):
+    def __init__(self, G: torch.nn.Module, z_dim: int, seed: int = 0, name: str = "generator", num_classes: int = 0,
+                 class_probs=None, classes: list[int] | None = None):  # fmt: skip
         self.G, self.z_dim, self.seed, self.name = G, z_dim, seed, name
+        self.num_classes = int(num_classes or 0)
+        self.class_probs = None if class_probs is None else torch.as_tensor(class_probs, dtype=torch.float64).cpu()
+        self.classes = classes  # a conditional G's classes to draw from (None: all, like the data)
         self.device = next(G.parameters()).device
         with torch.no_grad():
-            probe = G(torch.zeros([1, z_dim], device=self.device))  # [1, C, R, R]
+            z = torch.zeros([1, z_dim], device=self.device)
+            probe = G(z, torch.zeros([1], dtype=torch.long, device=self.device)) if self.num_classes else G(z)
         self.channels, self.resolution = probe.shape[1], probe.shape[-1]
 
     def latents(self, indices: np.ndarray) -> torch.Tensor:
         """z for the global indices: [len(indices), z_dim]."""
         return rng.block_latents(indices, self.z_dim, self.seed, _EVAL, block=LATENT_BLOCK)
 
+    def labels(self, indices: np.ndarray) -> torch.Tensor | None:
+        """The classes asked for at the global indices: [len(indices)] (None: an unconditional G)."""
+        if not self.num_classes:
+            return None
+        probs = self.class_probs
+        if self.classes is not None:
+            probs = torch.zeros(self.num_classes, dtype=torch.float64)
+            probs[list(self.classes)] = 1.0
+        return rng.block_labels(indices, self.num_classes, self.seed, _EVAL, block=LATENT_BLOCK, probs=probs)
+
     @torch.no_grad()
     def images(self, indices: np.ndarray, batch: int) -> Iterator[torch.Tensor]:
         for start in range(0, len(indices), batch):
-            z = self.latents(indices[start : start + batch]).to(self.device)
-            x = self.G(z).float()  # [B, C, R, R] in [-1, 1]
+            part = indices[start : start + batch]
+            z = self.latents(part).to(self.device)
+            c = self.labels(part)
+            x = (self.G(z, c.to(self.device)) if c is not None else self.G(z)).float()  # [B, C, R, R] in [-1, 1]
             yield (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)  # as torchvision's save_image rounds
 
 
@@ -214,6 +233,28 @@ def open_source(spec: str, allow_pipe: bool = False):
     if path.is_dir():
         return FolderSource(path)
     raise MetricsError(f"{spec}: not a shards folder or manifest (distgan prepare) nor a folder of images")
+
+
+def data_class_probs(cfg, num_classes: int) -> tuple[list[float] | None, str]:
+    """How a conditional generator's classes are drawn when none are asked for: like the data of the run's config
+    (`cfg`, or None without one), i.e. catalog.data_classes' frequencies, as the training drew its generated labels;
+    else uniformly. Returns (class_probs for GeneratorSource / rng.block_labels, or None for uniform; a few words
+    saying which, for the output). Reads at most the data's manifest; a manifest that cannot be read now (the data
+    moved) means uniform, said in the note."""
+    from distgan.data.catalog import data_classes
+    from distgan.errors import UserError
+
+    if cfg is None:
+        return None, "uniformly (no run config to give the data's class frequencies)"
+    try:
+        info = data_classes(cfg.data)
+    except (UserError, ValueError, OSError) as e:
+        return None, f"uniformly (the data's class frequencies are unreadable: {' '.join(str(e).split())[:160]})"
+    if info is None or info.frequencies is None:
+        return None, "uniformly (the data does not say its class frequencies)"
+    if len(info.frequencies) != num_classes:
+        return None, f"uniformly (the data has {len(info.frequencies)} classes, the generator {num_classes})"
+    return [float(f) for f in info.frequencies], "like the data (its class frequencies)"
 
 
 def training_source(cfg):

@@ -87,7 +87,7 @@ def _zygote(base: str, cases: list) -> None:
     import distgan.checkpoint  # noqa: F401
     import distgan.distributed  # noqa: F401
     import distgan.export  # noqa: F401
-    import distgan.trainer  # noqa: F401
+    import distgan.training  # noqa: F401
     import support  # noqa: F401
 
     for case in cases:
@@ -202,7 +202,11 @@ def test_killed_checkpoint_write_leaves_a_loadable_checkpoint(crashed, case):
     assert chosen == _ckpt(run, which), (chosen, sorted(p.name for p in (run / "checkpoints").iterdir()))
     assert verify(chosen) is None
     state = load_file(chosen, "state.pt")
-    assert state["cur_nimg"] == NIMG[which] and state["step"] == NIMG[which] // 16 and state["world_size"] == 2
+    assert (
+        state["progress"]["cur_nimg"] == NIMG[which]
+        and state["progress"]["step_idx"] == NIMG[which] // 16
+        and state["world_size"] == 2
+    )
     for r in range(2):
         part = load_file(chosen, rank_file(r))
         assert part["rank"] == r and part["world_size"] == 2

@@ -11,7 +11,7 @@ from support import flat, make_trainer, run_ranks
 
 pytestmark = pytest.mark.dist
 
-NO_BN = ("model.norm=none",)
+NO_BN = ("model.dcgan.norm=none",)
 
 
 def _one_step(rank, world, overrides, reals, latents, sync):
@@ -83,8 +83,9 @@ def _several_steps(rank, world, overrides, steps, sync):
             "loss.g_reg_interval=2",
             "loss.n_critic=2",
         ),
+        ("model.num_classes=auto", "loss.r1_gamma=1", "loss.d_reg_interval=2"),  # the shapes' 4 classes
     ],
-    ids=["dcgan", "r1+pl+bf16+ncritic"],
+    ids=["dcgan", "r1+pl+bf16+ncritic", "conditional"],
 )
 def test_parameters_identical_across_ranks_and_diverge_without_sync(overrides):
     synced = run_ranks(_several_steps, 2, overrides, 4, True)
@@ -165,7 +166,7 @@ def _fp16_overflow_on_one_rank(rank, world):
     tr.train_step(reals, latents, gen)  # a normal step at a safe scale
     before = {"G": flat(tr.G_module), "D": flat(tr.D_module)}
     reals, latents, gen = tr.draw()
-    reals = [tr._to_float(r) for r in reals]
+    reals = [tr._reals(r)[0] for r in reals]  # as floats in [-1, 1]
     if rank == 1:
         reals[0][0] = 1e30  # only rank 1's D sees a poisoned real image -> inf gradients there
     tr.train_step(reals, latents, gen)

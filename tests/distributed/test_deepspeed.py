@@ -29,7 +29,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import BIN, REPO, cli_env, require_deepspeed
+from conftest import BIN, REPO, cli_env, patience, require_deepspeed
 from support import flat, make_trainer, run_ranks
 
 pytestmark = [pytest.mark.dist, pytest.mark.deepspeed]
@@ -106,7 +106,7 @@ def test_zero_with_micro_batches_trains_what_ddp_trains():
     """Gradient accumulation (train.batch_per_gpu) under ZeRO goes through DeepSpeed's own
     gradient_accumulation_steps: the same training as DDP's no_sync accumulation, up to the order of float sums
     (ZeRO-2 reduces every micro-batch, DDP the accumulated sum once)."""
-    r0, r1 = run_ranks(_accumulating, 2, timeout=600)
+    r0, r1 = run_ranks(_accumulating, 2, timeout=patience(600))
     assert r0["ddp"]["accum"] == 4
     for strategy in ("zero1", "zero2"):
         for net in ("G", "D"):
@@ -119,7 +119,7 @@ def test_zero_with_micro_batches_trains_what_ddp_trains():
 
 
 def test_zero1_and_zero2_train_exactly_what_ddp_trains():
-    r0, r1 = run_ranks(_train_every_way, 2, timeout=600)
+    r0, r1 = run_ranks(_train_every_way, 2, timeout=patience(600))
     for name in CONFIGS:
         ddp = r0[name, "ddp"]
         for strategy in ("zero1", "zero2"):
@@ -181,7 +181,7 @@ def _break_rules(rank, world):
 
 
 def test_breaking_a_phase_rule_is_caught_where_it_is_broken():
-    [out] = run_ranks(_break_rules, 1, timeout=300)
+    [out] = run_ranks(_break_rules, 1, timeout=patience(300))
     for strategy in ("zero1", "zero2"):
         assert isinstance(out[strategy, "correct"], torch.Tensor), out[strategy, "correct"]
         for rule in ("rule 1", "rule 2", "rule 3"):
@@ -205,7 +205,7 @@ SMOKE = str(REPO / "configs" / "smoke.yaml")
 def _torchrun(tmp_path, *args, nproc=2, check=True):
     cmd = [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", "-m", "distgan.train", "--config", SMOKE,
            "--run-dir", "run", *args]  # fmt: skip
-    p = subprocess.run(cmd, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=600)
+    p = subprocess.run(cmd, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=patience(600))
     if check:
         assert p.returncode == 0, f"{cmd}: {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p
@@ -244,7 +244,7 @@ def test_zero_checkpoints_through_deepspeed_save_and_load(zero_run, tmp_path):
         assert f"ds-{net}-mp_rank_00_model_states.pt" in files
         assert {f"ds-{net}-zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(2)} <= files
     state = load_file(ckpt, "state.pt")
-    assert state["strategy"] == "zero2" and "opt_G" not in state and "G" not in state
+    assert state["strategy"] == "zero2" and set(state["G"]) == set(state["D"]) == {"scaler"}  # the rest: DeepSpeed's
     assert state["config"]["dist"]["strategy"] == "zero2"
 
     # Resume: the same command trains on from it.
@@ -301,7 +301,7 @@ def test_a_deepspeed_file_with_pickled_code_is_refused(zero_run, tmp_path):
     (ckpt / "manifest.json").write_bytes(data)
     (ckpt / "COMMITTED").write_text(json.dumps({"nimg": 128, "manifest_sha256": hashlib.sha256(data).hexdigest()}))
 
-    errors = run_ranks(_load_evil, 2, str(ckpt), timeout=300)
+    errors = run_ranks(_load_evil, 2, str(ckpt), timeout=patience(300))
     for e in errors:
         assert e is not None and "pickled code, refused" in e and "posix.system" in e, e
     assert not canary.exists()

@@ -19,6 +19,8 @@ at 6 and 9 sync buffers exactly where the straight run does too.
 The same test runs under DDP and under ZeRO-2 (two DeepSpeed engines, saved and loaded through DeepSpeed's own
 checkpoint code inside distgan's): under ZeRO each rank's optimizer digest is of its own partition, so the ranks'
 optimizer states differ (the control that the state really is partitioned) while each matches its straight run.
+And once with a class-conditional model on labelled shards (labels travel with their images through the resume,
+and the fakes' labels are drawn from the same (seed, rank, images seen) after it).
 """
 
 import hashlib
@@ -38,8 +40,10 @@ SEGMENTS = (6, 9, 12)
 
 
 def _args(folder, end_step, strategy):
+    strategy, _, classes = strategy.partition("+")  # "ddp+classes": a class-conditional model on labelled shards
     return (
         f"dist.strategy={strategy}",
+        *(["model.num_classes=auto"] if classes else []),
         "data.source=shards",
         f"data.shards={folder}",
         "data.workers=1",
@@ -122,12 +126,14 @@ def _segment(dist, folder, strategy, run_dir, end_step, resume, control):
     return out
 
 
-@pytest.mark.parametrize("strategy", ["ddp", pytest.param("zero2", marks=pytest.mark.deepspeed)])
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("zero2", marks=pytest.mark.deepspeed), "ddp+classes"])
 def test_stopped_twice_and_resumed_equals_straight_bit_for_bit(tmp_path, strategy):
-    if strategy != "ddp":
+    if strategy.startswith("zero"):
         require_deepspeed()
     folder = tmp_path / "shards"
-    write_shards(folder, 8, 32, resolution=32)  # 256 samples: an epoch is 16 steps, longer than the run
+    # 256 samples: an epoch is 16 steps, longer than the run; "+classes": labelled 0-4 by id, a conditional model
+    labels = {"label": lambda i: i % 5, "num_classes": 5} if strategy.endswith("+classes") else {}
+    write_shards(folder, 8, 32, resolution=32, **labels)
     run = str(tmp_path / "resumed")
     # Launch 1: the straight run (its own run dir), and the resumed run's first segment. Launches 2 and 3 are
     # fresh processes that know only the resumed run dir.
@@ -170,7 +176,7 @@ def test_stopped_twice_and_resumed_equals_straight_bit_for_bit(tmp_path, strateg
         for key in ("G", "D", "G_ema"):
             assert r0[key] == r1[key], (step, key)
         for key in ("opt_G", "opt_D"):
-            assert (r0[key] == r1[key]) == (strategy == "ddp"), (step, key)
+            assert (r0[key] == r1[key]) == strategy.startswith("ddp"), (step, key)
     # And the networks did train: every step changed them.
     digests = [straight[0]["steps"][s]["D"] for s in range(1, N + 1)]
     assert len(set(digests)) == N

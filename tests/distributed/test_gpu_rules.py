@@ -34,10 +34,10 @@ def _job(rank, world, root, broken):
     from distgan.errors import Interrupted
     from distgan.watchdog import StopSignals
 
-    dist = distributed.setup("fp32", threads=1)
     if broken == "placement":  # the old Dist: the caller's tensor goes to the default group as it is
-        dist.group_tensor = lambda t: t
-    elif broken == "objects":  # the old Dist: objects through the default group
+        distributed.Dist.group_tensor = lambda self, t: t  # (this process only: a spawned rank)
+    dist = distributed.setup("fp32", threads=1)
+    if broken == "objects":  # the old Dist: objects through the default group
         dist.control = None
     run_dir = Path(root) / broken
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -110,9 +110,9 @@ def test_a_gpu_jobs_collectives_keep_nccls_rules(tmp_path):
 
 def _bench(rank, world):
     os.environ["DISTGAN_EMULATE_NCCL"] = "1"
-    from distgan import bench_scale
+    from distgan.bench import scale
 
-    return bench_scale._allreduce_child(rank, world, [4096, 65536], 2, 1)
+    return scale._allreduce_child(rank, world, [4096, 65536], 2, 1)
 
 
 def test_the_scaling_benchs_all_reduces_keep_nccls_rules():

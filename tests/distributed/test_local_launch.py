@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+from conftest import patience
 from distgan.local_launch import run_local
 
 pytestmark = pytest.mark.dist
@@ -31,10 +32,10 @@ def test_each_rank_gets_torchrun_environment():
 
 def test_an_exception_names_the_rank_and_carries_the_traceback():
     with pytest.raises(RuntimeError, match="rank 1 failed") as e:
-        run_local(2, _raise_on_rank_1, timeout=60)
+        run_local(2, _raise_on_rank_1, timeout=patience(60))
     assert "ValueError: boom on rank 1" in str(e.value)
 
 
 def test_a_silent_death_is_an_error_not_a_hang():
     with pytest.raises(RuntimeError, match="rank 0 exited with code 3 without a result"):
-        run_local(2, _die_on_rank_0, timeout=60)
+        run_local(2, _die_on_rank_0, timeout=patience(60))

@@ -4,7 +4,6 @@ The control: a rank's own share alone (what a launch without the gather would re
 the equality is not a given.
 """
 
-import dataclasses
 import math
 
 import pytest
@@ -52,9 +51,9 @@ def test_two_ranks_give_one_ranks_metrics(tmp_path):
     from distgan.export import generator_bytes
     from distgan.models import build_generator
 
-    cfg = load_config(None, ["model.z_dim=16", "model.g_width=8"])
+    cfg = load_config(None, ["model.z_dim=16", "model.dcgan.g_width=8"])
     export = tmp_path / "generator.safetensors"
-    export.write_bytes(generator_bytes(build_generator(cfg.model).eval(), dataclasses.asdict(cfg.model), 0))
+    export.write_bytes(generator_bytes(build_generator(cfg.model).eval(), cfg.to_dict()["model"], 0))
     shards = tmp_path / "shards"
     write_shards(shards, 3, [20, 15, 25], resolution=32)
     net = save_tinynet(tmp_path / "net.pt")

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, cli_env, require_deepspeed
+from conftest import REPO, cli_env, patience, require_deepspeed
 from support import flat, make_trainer, run_ranks
 
 pytestmark = pytest.mark.dist
@@ -225,7 +225,12 @@ def test_consecutive_skips_roll_back_to_the_last_checkpoint_and_train_on(tmp_pat
 def _cli(run_dir, faults, *overrides):
     cmd = [sys.executable, "-m", "distgan.train", "--config", SMOKE, "--run-dir", str(run_dir), *overrides]
     return subprocess.run(
-        cmd, cwd=run_dir.parent, env=cli_env(DISTGAN_FAULTS=faults), capture_output=True, text=True, timeout=120
+        cmd,
+        cwd=run_dir.parent,
+        env=cli_env(DISTGAN_FAULTS=faults),
+        capture_output=True,
+        text=True,
+        timeout=patience(120),
     )
 
 
@@ -263,7 +268,7 @@ def test_nan_through_every_rollback_exits_4_and_keeps_the_last_checkpoint(tmp_pa
     [ckpt] = CheckpointManager(run).committed()
     assert ckpt.name == "ckpt-000000064" and verify(ckpt) is None
     state = load_file(ckpt, "state.pt")
-    assert state["cur_nimg"] == 64 and _all_finite(state)
+    assert state["progress"]["cur_nimg"] == 64 and _all_finite(state)
     assert _all_finite(load_file(ckpt, "rank-00000.pt"))
 
     # Control, and the other way to give up: NaN from step 1, before the first checkpoint (after step 3).

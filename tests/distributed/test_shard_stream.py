@@ -1,6 +1,9 @@
 """Two real gloo ranks training from shards: resume consumes exactly what the straight run would (fewer shards
-than ranks x workers, and through the device prefetcher, included), data faults are summed over ranks and stop
-the run on every rank together."""
+than ranks x workers, and through the device prefetcher, included), every label arrives with its own image, data
+faults are summed over ranks and stop the run on every rank together.
+
+Shards come from support.write_shards: sample id = key, every pixel = id % 256 (ids < 256 here: pixel = id), and
+KEY.cls = id % 7 in a manifest of 7 classes."""
 
 import collections
 from pathlib import Path
@@ -12,6 +15,24 @@ from distgan.checkpoint import CheckpointManager
 from support import flat, make_trainer, run_ranks, write_shards
 
 pytestmark = pytest.mark.dist
+
+
+def label_of(sid: int) -> int:
+    return sid % 7
+
+
+def _step(tr) -> list[tuple[str, int]]:
+    """One training step; returns the (key, label) of each sample it trained on, after checking that each batch's
+    rows agree: the key names the image (its pixels) and the label is that image's."""
+    reals, latents, gen = tr.draw()
+    keys = list(tr.stream.last_keys)  # (of the last batch drawn: the smoke config draws one per step)
+    assert len(reals) == 1
+    for batch in reals:
+        ids = batch.images[:, 0, 0, 0].tolist()
+        assert ids == [int(k) % 256 for k in keys]
+        assert batch.labels is not None and batch.labels.tolist() == [label_of(i) for i in ids]
+    tr.train_step(reals, latents, gen)
+    return list(zip(keys, reals[-1].labels.tolist()))
 
 
 def _shard_args(folder, *more):
@@ -30,24 +51,15 @@ def _train_and_resume(rank, world, folder, first, second, prefetch=False):
         return tr
 
     tr = trainer()
-    keys_first = []
-    for _ in range(first):
-        tr.train_step(*tr.draw())
-        keys_first.append(list(tr.stream.last_keys))
+    keys_first = [_step(tr) for _ in range(first)]
     ckpts = CheckpointManager(Path(folder) / "run")
     path = tr.save_checkpoint(ckpts)  # collective: every rank writes its own stream position
-    straight = []
-    for _ in range(second):
-        tr.train_step(*tr.draw())
-        straight.append(list(tr.stream.last_keys))
+    straight = [_step(tr) for _ in range(second)]
     tr.stream.close()
 
     again = trainer()
     again.load_checkpoint(path)
-    resumed = []
-    for _ in range(second):
-        again.train_step(*again.draw())
-        resumed.append(list(again.stream.last_keys))
+    resumed = [_step(again) for _ in range(second)]
     again.stream.close()
     return {
         "first": keys_first,
@@ -60,15 +72,16 @@ def _train_and_resume(rank, world, folder, first, second, prefetch=False):
 
 
 def test_two_ranks_resume_from_shards_without_duplicates_or_gaps(tmp_path):
-    write_shards(tmp_path, 8, 32, resolution=32)  # 256 samples; smoke batch 16 -> 16 steps per epoch
+    # 256 samples; smoke batch 16 -> 16 steps per epoch
+    write_shards(tmp_path, 8, 32, resolution=32, label=label_of, num_classes=7)
     out = run_ranks(_train_and_resume, 2, str(tmp_path), 11, 9)  # the resume point is mid-epoch, 9 more cross it
     for r in out:
         assert r["streams_saved"] == 2
-        assert r["resumed"] == r["straight"]  # the same samples, in the same order, on the same rank
+        assert r["resumed"] == r["straight"]  # the same samples with the same labels, in the same order and rank
         assert torch.equal(r["G"], r["G_resumed"])
-    # Over both ranks, epoch 0 (the first 16 steps) is every sample once: 0 duplicated, 0 missing.
-    epoch0 = [k for step in range(16) for r in out for k in (r["first"] + r["resumed"])[step]]
-    assert sorted(epoch0) == [f"{i:08d}" for i in range(256)]
+    # Over both ranks, epoch 0 (the first 16 steps) is every sample once, with its label: 0 duplicated, 0 missing.
+    epoch0 = [kl for step in range(16) for r in out for kl in (r["first"] + r["resumed"])[step]]
+    assert sorted(epoch0) == [(f"{i:08d}", label_of(i)) for i in range(256)]
     # Control: the two ranks did get different samples.
     assert set(out[0]["first"][0]).isdisjoint(out[1]["first"][0])
 
@@ -77,13 +90,13 @@ def test_three_shards_on_two_ranks_of_two_workers_through_the_prefetcher(tmp_pat
     # 3 shards for 4 slots: no rank runs dry, and a round (4 epochs of shard visits: 3 visits of 16 samples per
     # slot = 6 batches of 8, i.e. 12 steps with 2 workers per rank) reads every sample exactly 4 times. The
     # checkpoint is saved with a batch pulled ahead by the prefetcher: the resumed run re-reads it.
-    write_shards(tmp_path, 3, 16, resolution=32)
+    write_shards(tmp_path, 3, 16, resolution=32, label=label_of, num_classes=7)
     out = run_ranks(_train_and_resume, 2, str(tmp_path), 7, 5, True)
     for r in out:
         assert r["resumed"] == r["straight"]
         assert torch.equal(r["G"], r["G_resumed"])
-    counts = collections.Counter(k for r in out for step in r["first"] + r["straight"] for k in step)
-    assert counts == {f"{i:08d}": 4 for i in range(48)}
+    counts = collections.Counter(kl for r in out for step in r["first"] + r["straight"] for kl in step)
+    assert counts == {(f"{i:08d}", label_of(i)): 4 for i in range(48)}
 
 
 def _bad_data_run(rank, world, folder):

@@ -14,7 +14,7 @@ import time
 import pytest
 from metrics_support import save_tinynet, write_folder
 
-from conftest import BIN, REPO, cli_env
+from conftest import BIN, REPO, cli_env, patience
 from support import wandb_records
 
 pytestmark = pytest.mark.integration
@@ -59,6 +59,8 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
         "are 8x8x3 but the reals": ["--fake", small, "--real", a, *feats],
         "compare with real images": ["--fake", a, *feats],
         "choose from fid, kid, is, pr": ["--fake", a, "--real", a, "--metrics", "fid,lpips"],
+        "were not generated for known classes": ["--fake", a, "--real", a, *feats, "--classifier", "torchscript:c.pt"],
+        "must be `torchscript:PATH`": ["--fake", a, "--real", a, *feats, "--classifier", "resnet"],
     }
     for expected, argv in cases.items():
         rc, out, err = run_main(argv, capsys)
@@ -73,12 +75,97 @@ def test_offline_inception_is_one_line_and_exit_code_2(tmp_path):
     proxy = "http://127.0.0.1:9"
     env = cli_env(TORCH_HOME=str(tmp_path / "torch"), HTTPS_PROXY=proxy, https_proxy=proxy, NO_PROXY="", no_proxy="")
     p = subprocess.run([str(BIN / "distgan"), "eval", "--fake", str(a), "--real", str(a), "--num", "4"],
-                       env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+                       env=env, capture_output=True, text=True, timeout=patience(120))  # fmt: skip
     assert p.returncode == 2, p.stderr[-2000:]
     lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, p.stderr
     assert "cannot fetch the Inception weights from https://github.com/toshas/torch-fidelity/" in lines[0]
     assert "--inception-weights PATH" in lines[0] and str(tmp_path / "torch" / "hub" / "checkpoints") in lines[0]
+
+
+def test_class_match_of_a_conditional_run(tmp_path, capsys):
+    """A conditional G whose image depends on its class alone, in a run dir whose data (labelled shards) is 70%
+    class 0: classes drawn like the data, and class_match 1.0 / 0.0 / the share of class 0 for a classifier that is
+    always right / always wrong / always answers 0; reported, written to metrics.jsonl, and re-evaluated by --watch
+    where a record lacks it."""
+    import numpy as np
+    from metrics_support import (
+        ConstantClassifier,
+        PrototypeClassifier,
+        conditional_config,
+        conditional_generator,
+        labelled_shards,
+        prototypes,
+        save_script,
+        write_run,
+    )
+
+    from distgan.export import generator_bytes
+    from distgan.metrics.sources import GeneratorSource
+
+    shards = labelled_shards(tmp_path / "shards", [140, 20, 20, 20])
+    G, _ = conditional_generator(4, class_only=True)
+    run = tmp_path / "run"
+    ckpt = write_run(run, conditional_config(4, "data.source=shards", f"data.shards={shards}"), G)
+    protos = prototypes(G, 4)
+    clf = {name: save_script(m, tmp_path / f"{name}.pt") for name, m in {
+        "right": PrototypeClassifier(protos), "shifted": PrototypeClassifier(protos, shift=1),
+        "zero": ConstantClassifier(4, 0), "three": ConstantClassifier(3, 0)}.items()}  # fmt: skip
+    net = save_tinynet(tmp_path / "net.pt")
+    common = ["--metrics", "is", "--features", f"torchscript:{net}", "--num", 100, "--tracker", "none"]
+
+    def records():
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    rc, out, err = run_main(["--run", run, *common, "--classifier", f"torchscript:{clf['right']}"], capsys)
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert "ckpt-000000064 (0.064 kimg): 100 fakes; features" in lines[0], out
+    assert "; 4 classes drawn like the data (its class frequencies);" in lines[0], out
+    assert lines[-1].split() == ["class_match", "1"]
+    r = records()[-1]
+    assert (r["class_match"], r["classes"], r["classifier"]) == (1.0, "data", f"torchscript:{clf['right']}")
+    assert run_main(["--run", run, *common, "--classifier", f"torchscript:{clf['shifted']}"], capsys)[0] == 0
+    assert records()[-1]["class_match"] == 0.0
+    # Always class 0: the share of images generated for class 0, by hand from the documented labels.
+    labels = GeneratorSource(G, G.z_dim, seed=0, num_classes=4, class_probs=[0.7, 0.1, 0.1, 0.1]).labels(np.arange(100))
+    share = (labels == 0).sum().item() / 100
+    assert 0.6 < share < 0.8
+    assert run_main(["--run", run, *common, "--classifier", f"torchscript:{clf['zero']}"], capsys)[0] == 0
+    assert records()[-1]["class_match"] == share
+
+    # The export alone: no run config, so classes drawn uniformly (control: far fewer of class 0).
+    alone = tmp_path / "generator.safetensors"
+    alone.write_bytes((ckpt / "generator.safetensors").read_bytes())
+    rc, out, err = run_main(["--checkpoint", alone, *common, "--classifier", f"torchscript:{clf['zero']}"], capsys)
+    assert rc == 0 and "4 classes drawn uniformly (no run config" in out, out + err
+    uniform = GeneratorSource(G, G.z_dim, seed=0, num_classes=4).labels(np.arange(100))
+    assert float(out.splitlines()[-1].split()[1]) == (uniform == 0).sum().item() / 100 < 0.4
+
+    # --watch evaluates a checkpoint again when its record lacks class_match, and only then.
+    run_main(["--run", run, *common], capsys)  # a record without class_match comes last
+    n = len(records())
+    watch = ["--watch", run, "--once", *common, "--classifier", f"torchscript:{clf['right']}"]
+    assert run_main(watch, capsys)[0] == 0  # a record of this classifier's class_match: done
+    assert len(records()) == n
+    kept = [r for r in records() if r.get("classifier") != f"torchscript:{clf['right']}"]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    assert run_main(watch, capsys)[0] == 0
+    assert len(records()) == n and records()[-1]["class_match"] == 1.0
+
+    # A classifier of another class count, or an unconditional generator: one line, exit code 2.
+    rc, out, err = run_main(["--run", run, *common, "--classifier", f"torchscript:{clf['three']}"], capsys)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "returns 3 class logits but the generator (ckpt-000000064) has 4 classes" in err
+    from distgan.models import build_generator
+
+    plain = conditional_config(0)
+    (tmp_path / "plain.safetensors").write_bytes(
+        generator_bytes(build_generator(plain.model), plain.to_dict()["model"], 0)
+    )
+    argv = ["--checkpoint", tmp_path / "plain.safetensors", *common, "--classifier", f"torchscript:{clf['right']}"]
+    rc, out, err = run_main(argv, capsys)
+    assert rc == 2 and err.count("\n") == 1 and "class_match needs a conditional generator" in err, err
 
 
 @pytest.mark.slow
@@ -98,8 +185,8 @@ def test_watch_evaluates_each_checkpoint_of_a_training_run_into_its_wandb_run(tm
     start = time.time()
     trainer = subprocess.Popen(train, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     watcher = subprocess.Popen(watch, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    train_out = trainer.communicate(timeout=300)[0].decode()
-    watch_out = watcher.communicate(timeout=300)[0].decode()
+    train_out = trainer.communicate(timeout=patience(300))[0].decode()
+    watch_out = watcher.communicate(timeout=patience(300))[0].decode()
     print(f"\ntraining + watching: {time.time() - start:.1f} s")
     assert trainer.returncode == 0, train_out[-3000:]
     assert watcher.returncode == 0, watch_out[-3000:]
@@ -140,7 +227,7 @@ def test_watch_evaluates_each_checkpoint_of_a_training_run_into_its_wandb_run(tm
     two = [str(BIN / "torchrun"), "--nproc_per_node=2", "-m", "distgan.evaluate", "--", "--run", str(run_dir),
            "--no-cache", *map(str, common[:4]), "--tracker", "none"]  # fmt: skip
     start = time.time()
-    p = subprocess.run(two, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(two, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=patience(300))
     print(f"torchrun, 2 ranks: {time.time() - start:.1f} s")
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.count("eval: ") == 1 and "32 fakes vs 32 reals" in p.stdout and "(extracted in" in p.stdout

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import cli_env
+from conftest import cli_env, patience
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -23,7 +23,7 @@ def test_gpu_check_dry_runs_every_row_on_the_cpu(tmp_path):
 
     require_deepspeed()
     p = subprocess.run([sys.executable, "-m", "distgan.cli", "gpu-check", "--dry", "--out", str(tmp_path / "gc")],
-                       env=cli_env(), capture_output=True, text=True, timeout=1200)  # fmt: skip
+                       env=cli_env(), capture_output=True, text=True, timeout=patience(1200))  # fmt: skip
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-3000:]
     table = p.stdout[p.stdout.index("\ncheck ") :]
     for name in ROWS:
@@ -39,7 +39,7 @@ def test_a_failing_row_fails_the_command(tmp_path):
     command exits 1 and names it."""
     code = (
         "import sys\n"
-        "from distgan import gpu_check\n"
+        "from distgan.bench import gpu_check\n"
         "gpu_check.Check.run = lambda self: (self.row('stop + resume', self.stop_and_resume), "
         "all(r.ok for r in self.rows))[1]\n"
         "gpu_check.DRY.steps = 4\n"
@@ -47,6 +47,8 @@ def test_a_failing_row_fails_the_command(tmp_path):
         "gpu_check.Check.env = lambda self, **kw: orig(self, **{k: 'usr1:step=99' for k in kw})\n"
         f"sys.exit(gpu_check.main(['--dry', '--out', {str(tmp_path / 'gc')!r}]))\n"
     )
-    p = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=patience(600)
+    )
     assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-3000:]
     assert "failed: stop + resume" in p.stdout and "the stop (SIGUSR1) should exit 3: exit code 0" in p.stdout

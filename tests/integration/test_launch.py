@@ -1,12 +1,12 @@
-"""The launch forms the README documents, run for real: each trains configs/smoke.yaml to a checkpoint and a
-sample grid and reports the world size it ran with."""
+"""The launch forms docs/launching.md documents, run for real: each trains configs/smoke.yaml to a checkpoint
+and a sample grid and reports the world size it ran with."""
 
 import subprocess
 import sys
 
 import pytest
 
-from conftest import BIN, REPO, cli_env
+from conftest import BIN, REPO, cli_env, patience
 from distgan.checkpoint import load_file
 
 pytestmark = pytest.mark.integration
@@ -15,7 +15,7 @@ SMOKE = str(REPO / "configs" / "smoke.yaml")
 
 
 def run(cmd, tmp_path, **env):
-    p = subprocess.run(cmd, cwd=tmp_path, env=cli_env(**env), capture_output=True, text=True, timeout=300)
+    p = subprocess.run(cmd, cwd=tmp_path, env=cli_env(**env), capture_output=True, text=True, timeout=patience(300))
     assert p.returncode == 0, f"{cmd} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p.stdout + p.stderr
 
@@ -26,7 +26,7 @@ def check_run_dir(run_dir, world):
     assert (run_dir / "checkpoints" / "ckpt-000000128" / "state.pt").is_file()
     assert (run_dir / "samples" / "fakes-000000128.png").is_file()
     state = load_file(run_dir / "checkpoints" / "ckpt-000000128", "state.pt")  # hash-checked
-    assert state["world_size"] == world and state["cur_nimg"] == 128
+    assert state["world_size"] == world and state["progress"]["cur_nimg"] == 128
     ranks = sorted(p.name for p in (run_dir / "checkpoints" / "ckpt-000000128").glob("rank-*.pt"))
     assert ranks == [f"rank-{r:05d}.pt" for r in range(world)]  # every rank wrote its own part
     assert (run_dir / "config.yaml").is_file()
@@ -83,14 +83,14 @@ def test_console_script_one_process_and_resume(tmp_path):
 def test_changed_model_refuses_to_resume(tmp_path):
     run([sys.executable, "-m", "distgan.train", "--config", SMOKE, "--run-dir", "run"], tmp_path)
     p = subprocess.run(
-        [sys.executable, "-m", "distgan.train", "--config", SMOKE, "--run-dir", "run", "model.g_width=16"],
+        [sys.executable, "-m", "distgan.train", "--config", SMOKE, "--run-dir", "run", "model.dcgan.g_width=16"],
         cwd=tmp_path,
         env=cli_env(),
         capture_output=True,
         text=True,
     )
     assert p.returncode == 2
-    assert "model.g_width: 8 -> 16" in p.stderr
+    assert "model.dcgan.g_width: 8 -> 16" in p.stderr
 
 
 def test_wandb_tracker_offline(tmp_path):
@@ -135,7 +135,7 @@ def test_data_problems_are_one_line_and_exit_2_before_training(tmp_path, shards,
     p = subprocess.run(
         [str(BIN / "torchrun"), "--nproc_per_node=2", "-m", "distgan.train", "--config", SMOKE, "--run-dir", "run",
          "data.source=shards", f"data.shards={shards}"],
-        cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=patience(300),
     )  # fmt: skip
     errors = [line for line in p.stderr.splitlines() if line.startswith("distgan: error:")]
     assert len(errors) == 1 and message in errors[0], p.stderr[-2000:]

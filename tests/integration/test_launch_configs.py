@@ -1,6 +1,6 @@
-"""The launch/ folder, for real: every Accelerate config loads through Accelerate's own loader with the values the
-README promises; the DeepSpeed configs make `accelerate launch` export what dist.strategy=auto reads; the CPU
-config and launch/torchrun.sh train configs/smoke.yaml on 2 ranks; and the multi-node Accelerate config and the
+"""The launch/ folder, for real: every Accelerate config loads through Accelerate's own loader with the values
+docs/launching.md promises; the DeepSpeed configs make `accelerate launch` export what dist.strategy=auto reads;
+the CPU config and launch/torchrun.sh train configs/smoke.yaml on 2 ranks; and the multi-node Accelerate config and the
 wrapper's multi-node mode join two launchers on loopback into one world of 2."""
 
 import importlib.util
@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import BIN, REPO, cli_env, require
+from conftest import BIN, REPO, cli_env, patience, require
 from distgan.checkpoint import load_file
 
 pytestmark = pytest.mark.integration
@@ -46,7 +46,7 @@ def env(**extra):
 
 
 def run(cmd, tmp_path, **extra):
-    p = subprocess.run(cmd, cwd=tmp_path, env=env(**extra), capture_output=True, text=True, timeout=300)
+    p = subprocess.run(cmd, cwd=tmp_path, env=env(**extra), capture_output=True, text=True, timeout=patience(300))
     assert p.returncode == 0, f"{cmd} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p.stdout + p.stderr
 
@@ -60,7 +60,7 @@ def run_pair(cmds, tmp_path, extras=({}, {})):
     outs = []
     try:
         for p in procs:
-            outs.append(p.communicate(timeout=300)[0])
+            outs.append(p.communicate(timeout=patience(300))[0])
     finally:
         for p in procs:
             if p.poll() is None:
@@ -76,7 +76,7 @@ def check_two_rank_run(run_dir, launcher):
     assert f"launcher={launcher} backend=gloo world=2 " in first, first
     ckpt = run_dir / "checkpoints" / "ckpt-000000128"
     state = load_file(ckpt, "state.pt")  # hash-checked
-    assert state["world_size"] == 2 and state["cur_nimg"] == 128
+    assert state["world_size"] == 2 and state["progress"]["cur_nimg"] == 128
     assert sorted(p.name for p in ckpt.glob("rank-*.pt")) == ["rank-00000.pt", "rank-00001.pt"]
 
 

@@ -18,7 +18,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import BIN, REPO, cli_env
+from conftest import BIN, REPO, cli_env, patience
 from quality import features, frechet_distance, to_float, train_classifier
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -43,7 +43,7 @@ def test_short_run_learns_shapes(tmp_path):
 
     # Like `make train`: the built-in set prepared into shards (where default.yaml looks), then streamed.
     prep = [str(BIN / "distgan"), "prepare", "shapes", "--out", "data/shapes-32", "--size", "32", "--num", "20000"]
-    subprocess.run(prep, cwd=tmp_path, env=cli_env(), check=True, capture_output=True, timeout=300)
+    subprocess.run(prep, cwd=tmp_path, env=cli_env(), check=True, capture_output=True, timeout=patience(300))
     cmd = [
         str(BIN / "distgan"),
         "train",
@@ -56,7 +56,7 @@ def test_short_run_learns_shapes(tmp_path):
         f"train.sample_every_kimg={KIMG}",
         "log.tracker=none",
     ]
-    p = subprocess.run(cmd, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=900)
+    p = subprocess.run(cmd, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=patience(900))
     assert p.returncode == 0, p.stderr[-3000:]
 
     net, accuracy = train_classifier()
@@ -66,7 +66,7 @@ def test_short_run_learns_shapes(tmp_path):
 
     final = CheckpointManager(tmp_path / "run").latest()  # the first multiple of the batch past KIMG
     state = load_file(final, "state.pt")
-    assert state["cur_nimg"] >= KIMG * 1000
+    assert state["progress"]["cur_nimg"] >= KIMG * 1000
     cfg = from_dict(state["config"])
     trained = build_generator(cfg.model)
     trained.load_state_dict(state["G_ema"])

@@ -22,7 +22,7 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import BIN, REPO, cli_env
+from conftest import BIN, REPO, cli_env, patience
 from distgan import __version__
 from distgan.tracking import GROUPS
 from support import wandb_records
@@ -50,7 +50,7 @@ def _start(tmp_path, name, *extra, faults=""):
 
 
 def _finish(p) -> str:
-    out, _ = p.communicate(timeout=300)
+    out, _ = p.communicate(timeout=patience(300))
     assert p.returncode == 0, f"{p.args} failed ({p.returncode}):\n{out[-4000:]}"
     return out
 

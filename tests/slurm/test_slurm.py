@@ -25,7 +25,7 @@ import pytest
 import slurm_cluster
 import torch
 
-from conftest import REPO, cli_env, require, require_deepspeed
+from conftest import REPO, cli_env, patience, require, require_deepspeed
 from distgan import __version__
 from distgan.checkpoint import load_file, rank_file, verify
 from support import wandb_records
@@ -72,7 +72,7 @@ def sbatch(cluster, cwd: Path, sbatch_args: list[str], script_args: list[str], s
     cwd.mkdir(parents=True, exist_ok=True)
     p = subprocess.run(
         ["sbatch", "--parsable", *sbatch_args, script, *script_args],
-        cwd=cwd, env=job_env(cluster, **env), capture_output=True, text=True, timeout=60,
+        cwd=cwd, env=job_env(cluster, **env), capture_output=True, text=True, timeout=patience(60),
     )  # fmt: skip
     assert p.returncode == 0, f"sbatch failed: {p.stderr}"
     return int(p.stdout.strip().split(";")[0])
@@ -83,7 +83,7 @@ def job_log(cwd: Path, job: int) -> str:
     return path.read_text(errors="replace") if path.is_file() else ""
 
 
-def wait_job(cluster, job: int, cwd: Path, timeout: float = 240, until=DONE) -> dict[str, str]:
+def wait_job(cluster, job: int, cwd: Path, timeout: float = patience(240), until=DONE) -> dict[str, str]:
     """Poll until the job's state is one of `until`; its `scontrol show job` fields."""
     deadline = time.time() + timeout
     while True:
@@ -119,16 +119,17 @@ def assert_same_training_state(a: Path, b: Path) -> None:
     their own values. The average is linear in them, so it is the same number, rounded differently (measured:
     9.3e-10 on one buffer of 0.0099). They never enter a training-mode forward, so the weights stay exact."""
     sa, sb = load_file(a, "state.pt"), load_file(b, "state.pt")
-    for net in ("G", "D", "G_ema"):
-        assert sa[net].keys() == sb[net].keys()
-        for k, x in sa[net].items():
-            y = sb[net][k]
+    nets = {net: (sa[net]["module"], sb[net]["module"]) for net in ("G", "D")} | {"G_ema": (sa["G_ema"], sb["G_ema"])}
+    for net, (na, nb) in nets.items():
+        assert na.keys() == nb.keys()
+        for k, x in na.items():
+            y = nb[k]
             if k.endswith(RUNNING_STATS):
                 assert torch.allclose(x, y, rtol=1e-6, atol=0), f"{net}.{k}: {(x - y).abs().max()}"
             else:
                 assert torch.equal(x, y), f"{net}.{k} differs between {a} and {b}"
-    for opt in ("opt_G", "opt_D"):
-        xs, ys = sa[opt]["state"], sb[opt]["state"]
+    for opt in ("G", "D"):
+        xs, ys = sa[opt]["optimizer"]["state"], sb[opt]["optimizer"]["state"]
         assert xs.keys() == ys.keys()
         for i in xs:
             for k, x in xs[i].items():
@@ -144,7 +145,11 @@ def check_finished(run_dir: Path, world: int) -> Path:
     ckpt = run_dir / "checkpoints" / FINAL
     assert verify(ckpt) is None, verify(ckpt)
     state = load_file(ckpt, "state.pt")
-    assert (state["cur_nimg"], state["step"], state["world_size"]) == (TOTAL_NIMG, TOTAL_NIMG // BATCH, world)
+    assert (state["progress"]["cur_nimg"], state["progress"]["step_idx"], state["world_size"]) == (
+        TOTAL_NIMG,
+        TOTAL_NIMG // BATCH,
+        world,
+    )
     for r in range(world):
         assert load_file(ckpt, rank_file(r))["rank"] == r
     assert not (ckpt / rank_file(world)).exists()
@@ -204,7 +209,7 @@ def test_sizes_come_from_slurm(cluster, tmp_path):
             for name, (args, env) in cases.items()}  # fmt: skip
     logs, infos = {}, {}
     for name, job in jobs.items():
-        infos[name] = wait_job(cluster, job, tmp_path, timeout=120)
+        infos[name] = wait_job(cluster, job, tmp_path, timeout=patience(120))
         logs[name] = job_log(tmp_path, job)
 
     def sizes(name):
@@ -243,14 +248,14 @@ def test_cpus_per_task_default(cluster, tmp_path):
     line). This test node has 2, so SLURM (EnforcePartLimits=ALL) refuses the job at submission, which is why
     every other job here passes --cpus-per-task; on a node with 8 or more the dry run reports them."""
     p = subprocess.run(["sbatch", "-v", "--parsable", SCRIPT, SMOKE], cwd=tmp_path, capture_output=True, text=True,
-                       env=job_env(cluster, DISTGAN_DRY_RUN="1"), timeout=60)  # fmt: skip
+                       env=job_env(cluster, DISTGAN_DRY_RUN="1"), timeout=patience(60))  # fmt: skip
     assert re.search(r"cpus-per-task\s*: 8\b", p.stderr), p.stderr
     cpus = int(slurm_cluster.node_hardware()["CPUs"])
     if cpus < 8:
         assert p.returncode != 0 and "More processors requested than permitted" in p.stderr, p.stderr
     else:
         job = int(p.stdout.strip().split(";")[0])
-        wait_job(cluster, job, tmp_path, timeout=120)
+        wait_job(cluster, job, tmp_path, timeout=patience(120))
         assert "; 8 CPU(s) per task (--cpus-per-task)" in job_log(tmp_path, job)
 
 
@@ -269,7 +274,7 @@ srun --ntasks=2 bash -c 'if [[ $SLURM_PROCID == 1 ]]; then export SLURM_GPUS_ON_
 """)
     job = sbatch(cluster, tmp_path, ["--ntasks=2", "--ntasks-per-node=2", "--gres=gpu:2", "--output=uneven.out"],
                  [], script=str(tmp_path / "job.sh"))  # fmt: skip
-    info = wait_job(cluster, job, tmp_path, timeout=120)
+    info = wait_job(cluster, job, tmp_path, timeout=patience(120))
     log = (tmp_path / "uneven.out").read_text()
     assert info["ExitCode"] == "0:0", log[-3000:]
     for task, n in ((0, 2), (1, 1)):
@@ -321,7 +326,7 @@ def test_job_trains_two_cpu_ranks_to_completion(straight):
 def usr1_once_training(cluster, job: int, cwd: Path, run_dir: Path) -> float:
     """`scancel --signal=USR1 --batch` (what `--signal=B:USR1@120` does) once the job's first stats line is
     written (2 steps of 60); when it was sent."""
-    deadline = time.time() + 120
+    deadline = time.time() + patience(120)
     while not ((run_dir / "stats.jsonl").is_file() and (run_dir / "stats.jsonl").read_text().strip()):
         assert cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), job_log(cwd, job)
         assert time.time() < deadline, f"no training after 120 s:\n{job_log(cwd, job)}"
@@ -335,7 +340,7 @@ def preempt(cluster, job: int, cwd: Path, run_dir: Path) -> dict:
     the stop it leads to (one checkpoint, mid-run, a rank exiting 3, the job requeued), start the requeued job
     without SLURM's ~120 s hold, and wait for its end. What happened, for the test to judge."""
     signalled = usr1_once_training(cluster, job, cwd, run_dir)
-    info = wait_job(cluster, job, cwd, timeout=90, until=("PENDING", *DONE))
+    info = wait_job(cluster, job, cwd, timeout=patience(90), until=("PENDING", *DONE))
     requeued = time.time()
     log = job_log(cwd, job)
     assert (info["JobState"], info["Restarts"]) == ("PENDING", "1"), log[-4000:]
@@ -346,7 +351,7 @@ def preempt(cluster, job: int, cwd: Path, run_dir: Path) -> dict:
     assert 0 < stop_nimg < TOTAL_NIMG, f"the signal did not land mid-run (stopped at {stop_nimg} images)"
     assert Path(stop_ckpt).name == f"ckpt-{stop_nimg:09d}" and verify(cwd / stop_ckpt) is None
     stop_state = load_file(cwd / stop_ckpt, "state.pt")  # (read now: later checkpoints purge it)
-    assert stop_state["step"] == stop_nimg // BATCH
+    assert stop_state["progress"]["step_idx"] == stop_nimg // BATCH
     node_codes = re.findall(r"failed on this node, exit codes \[([-\d, ]*)\]", log)
     # One rank's exit code 3 is the proof of the commit (launch_node.py); a node whose launcher is torn down
     # while its rank exits (the rendezvous host left first) may report less, so not every node has to say 3.
@@ -391,7 +396,7 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(cluster, straight, 
     assert stats_nimg(run_dir) == list(range(32, TOTAL_NIMG + 1, 32))
     assert_same_training_state(ckpt, straight["run_dir"] / "checkpoints" / FINAL)
     final_g = weights(ckpt)["G"]
-    assert any(not bool((stop_state["G"][k] == final_g[k]).all()) for k in final_g)
+    assert any(not bool((stop_state["G"]["module"][k] == final_g[k]).all()) for k in final_g)
 
     # rank 0's log.txt has both attempts. W&B: one offline run per attempt, both complete (an exit record: the
     # first attempt's rank 0 is still flushing it when torchrun terminates it, see launch_node.py), the same run
@@ -507,7 +512,7 @@ def test_zero2_job_preempted_and_resumed_trains_what_the_ddp_job_trains(cluster,
     nets["G_ema"] = state["G_ema"]
     for net, sd in nets.items():
         for k, x in sd.items():
-            y = want[net][k]
+            y = want[net][k] if net == "G_ema" else want[net]["module"][k]
             if k.endswith(RUNNING_STATS):
                 assert torch.allclose(x, y, rtol=1e-6, atol=0), f"{net}.{k}: {(x - y).abs().max()}"
             else:

@@ -1,8 +1,8 @@
-"""The scaling model of distgan/bench_scale.py (docs/scaling.md), against values computed by hand."""
+"""The scaling model of distgan/bench/scale.py (docs/scaling.md), against values computed by hand."""
 
 import pytest
 
-from distgan.bench_scale import (
+from distgan.bench.scale import (
     H100_IB,
     MAX_EVERY,
     SCALES,
@@ -121,9 +121,10 @@ def test_efficiency_of_a_toy_network_on_one_h100_node():
 
 
 def test_the_stop_agreement_constants_are_the_watchdogs():
-    from distgan import bench_scale, watchdog
+    from distgan import watchdog
+    from distgan.bench import scale
 
-    assert bench_scale.AGREE_EVERY_S == watchdog.AGREE_EVERY_S and bench_scale.MAX_EVERY == watchdog.MAX_EVERY
+    assert scale.AGREE_EVERY_S == watchdog.AGREE_EVERY_S and scale.MAX_EVERY == watchdog.MAX_EVERY
 
 
 def test_stop_agreement_cost_and_interval():
@@ -203,7 +204,7 @@ def test_strong_scaling_splits_the_arithmetic_not_the_launches_or_the_bytes():
 def test_a_gpu_step_ms_is_taken_as_launch_bound():
     import argparse
 
-    from distgan.bench_scale import _gpu_parts, _gpu_step
+    from distgan.bench.scale import _gpu_parts, _gpu_step
 
     prof = {"step_flops": 2e11, "step_ops": 300}
     given = argparse.Namespace(gpu_step_ms=0.5, gpu_tflops=100.0, gpu_op_us=6.0)
@@ -216,7 +217,7 @@ def test_a_gpu_step_ms_is_taken_as_launch_bound():
 def test_command_line_parses_and_prints_its_help(capsys):
     import argparse
 
-    from distgan.bench_scale import add_parser
+    from distgan.bench.scale import add_parser
 
     p = argparse.ArgumentParser()
     add_parser(p.add_subparsers(dest="what"))

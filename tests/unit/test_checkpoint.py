@@ -23,7 +23,7 @@ from collections import Counter
 import pytest
 import torch
 
-from conftest import REPO, cli_env
+from conftest import REPO, cli_env, patience
 from distgan import faults
 from distgan.checkpoint import CheckpointManager, load_file, rank_file, read_manifest, verify
 from distgan.errors import CheckpointError
@@ -53,7 +53,7 @@ def run_copy(trained, tmp_path):
     return dst
 
 
-def cli(tmp_path, *args, timeout=120):
+def cli(tmp_path, *args, timeout=patience(120)):
     return subprocess.run(
         [sys.executable, "-m", "distgan.train", *map(str, args)],
         cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=timeout,
@@ -88,11 +88,15 @@ def test_committed_checkpoint_has_a_matching_manifest_marker_and_state(trained):
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # no debris
 
     state = load_file(path, "state.pt")
-    assert state["cur_nimg"] == 128 == tr.cur_nimg and state["step"] == 8 and state["world_size"] == 1
-    assert state["config"]["train"]["batch"] == 16 and state["skips_total"] == 0
+    assert (
+        state["progress"]["cur_nimg"] == 128 == tr.cur_nimg
+        and state["progress"]["step_idx"] == 8
+        and state["world_size"] == 1
+    )
+    assert state["config"]["train"]["batch"] == 16 and state["guard"]["skips_total"] == 0
     assert all(torch.equal(v, tr.G_ema.state_dict()[k]) for k, v in state["G_ema"].items())
     assert load_file(path, rank_file(0))["rank"] == 0
-    assert load_file(run / "checkpoints" / ckpt_name(64), "state.pt")["cur_nimg"] == 64
+    assert load_file(run / "checkpoints" / ckpt_name(64), "state.pt")["progress"]["cur_nimg"] == 64
 
 
 # ---------------------------------------------------------------------- damaged checkpoints
@@ -179,7 +183,7 @@ def test_keep_last_k(tmp_path):
     assert [p.name for p in saved] == [ckpt_name(16 * i) for i in (1, 2, 3, 4)]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [ckpt_name(48), ckpt_name(64)]
     assert all(verify(p) is None for p in saved[2:])
-    assert load_file(saved[-1], "state.pt")["cur_nimg"] == 64
+    assert load_file(saved[-1], "state.pt")["progress"]["cur_nimg"] == 64
 
 
 def test_disk_full_saves_nothing_and_purges_nothing(tmp_path, monkeypatch):
@@ -199,7 +203,7 @@ def test_disk_full_saves_nothing_and_purges_nothing(tmp_path, monkeypatch):
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == [ckpt_name(16), ckpt_name(32)]  # no .tmp-*, no half checkpoint, nothing purged
     assert all(verify(p) is None for p in first)
-    assert load_file(first[-1], "state.pt")["cur_nimg"] == 32
+    assert load_file(first[-1], "state.pt")["progress"]["cur_nimg"] == 32
     # With room again the same position saves, and only then is the oldest purged (keep=2).
     monkeypatch.delenv("DISTGAN_FAULTS")
     assert tr.save_checkpoint(ckpts).name == ckpt_name(48)
@@ -415,7 +419,7 @@ def test_a_save_at_a_committed_position_replaces_it(run_copy):
         tr.train_step(*tr.draw())
     path = tr.save_checkpoint(CheckpointManager(run_copy))
     assert path.name == ckpt_name(128) and verify(path) is None
-    saved = load_file(path, "state.pt")["G"]
+    saved = load_file(path, "state.pt")["G"]["module"]
     for k, v in tr.G_module.state_dict().items():
         assert torch.equal(saved[k], v), k
 

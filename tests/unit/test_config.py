@@ -30,13 +30,20 @@ def test_required_configs_exist():
 def test_overrides_are_typed():
     cfg = load_config(
         None,
-        ["train.total_kimg=50", "optim.lr_g=1e-4", "data.xflip=true", "train.batch=32", "model.norm=none", "name=x"],
+        [
+            "train.total_kimg=50",
+            "optim.lr_g=1e-4",
+            "data.xflip=true",
+            "train.batch=32",
+            "model.dcgan.norm=none",
+            "name=x",
+        ],
     )
     assert cfg.train.total_kimg == 50.0 and isinstance(cfg.train.total_kimg, float)
     assert cfg.optim.lr_g == 1e-4  # YAML 1.1 reads "1e-4" as a string; the typed field turns it into a float
     assert cfg.data.xflip is True
     assert cfg.train.batch == 32 and isinstance(cfg.train.batch, int)
-    assert cfg.model.norm == "none"
+    assert cfg.model.options.norm == "none"
     assert cfg.name == "x"
 
 

@@ -2,7 +2,9 @@
 
 The images must be G_ema's (the checkpoint's weights) on the documented latents, pixel for pixel, whatever the
 batch; a grid must be what the trainer's own save_image writes; the animations must have the frames asked for,
-in order; every bad input is one line and exit code 2.
+in order; every bad input is one line and exit code 2. A class-conditional generator (a tiny one, exported into a
+run dir by hand, its data's manifest giving skewed class frequencies) must draw G(z, c) for the documented latents
+and classes: the --class rows, cycles and walks, or classes drawn like the data without --class.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from metrics_support import conditional_config, conditional_generator, labelled_shards, write_run
 from PIL import Image
 
-from conftest import BIN
+from conftest import BIN, patience
 from distgan import generate, rng
 from distgan.export import load_generator
 from support import make_trainer
@@ -24,7 +27,7 @@ from support import make_trainer
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     run = tmp_path_factory.mktemp("gen") / "run"
-    tr = make_trainer("train.total_kimg=0.032", "model.norm=none", run_dir=run)  # grids at 0, 32; ckpt at 32
+    tr = make_trainer("train.total_kimg=0.032", "model.dcgan.norm=none", run_dir=run)  # grids at 0, 32; ckpt at 32
     with torch.no_grad():  # a G of 2 steps draws flat grey; 10x its initial weights draw images that differ
         for module in (tr.G_module, tr.G_ema.module):
             for p in module.parameters():
@@ -231,6 +234,10 @@ def _bad(tmp_path, run_dir):
         (["--checkpoint", str(ckpt(run_dir)), "--progress", "--out", "p.gif"], "give --run RUN_DIR"),
         (["--run", str(empty), "--progress", "--out", "p.gif"], "no sample grids (samples/fakes-*.png)"),
         (["--run", str(tmp_path / "nope"), "--out", "x.png"], "no such run dir"),
+        ([*g, "--out", "x.png", "--class", "0"], "--class 0: the generator is unconditional (model.num_classes=0)"),
+        ([*g, "--out", "x.png", "--class", "1,b"], "--class 1,b: class indices (0, 1, ...), comma-separated"),
+        ([*g, "--out", "x.png", "--class=-1"], "--class -1: class indices"),
+        ([*g, "--out", "p.gif", "--progress", "--class", "1"], "--class picks a conditional generator's classes"),
         (["--run", str(empty), "--out", "x.png"], f"no checkpoint in {empty / 'checkpoints'} verifies"),
         (["--checkpoint", str(tmp_path / "nope"), "--out", "x.png"], "no such file or folder"),
         (["--checkpoint", str(broken), "--out", "x.png"], "not a usable checkpoint"),
@@ -255,7 +262,140 @@ def test_bad_input_is_one_line_and_exit_2(run_dir, tmp_path, capsys, monkeypatch
 
 
 def test_the_console_script_has_the_command():
-    p = subprocess.run([str(BIN / "distgan"), "--help"], capture_output=True, text=True, timeout=60)
-    assert p.returncode == 0 and "  generate  images, grids, latent walks and progress animations" in p.stdout
-    p = subprocess.run([str(BIN / "distgan"), "generate", "--help"], capture_output=True, text=True, timeout=60)
+    p = subprocess.run([str(BIN / "distgan"), "--help"], capture_output=True, text=True, timeout=patience(60))
+    line = next((x for x in p.stdout.splitlines() if x.split()[:1] == ["generate"]), "")
+    assert p.returncode == 0 and line.split(None, 1)[1].startswith("images, grids, latent walks and progress")
+    p = subprocess.run(
+        [str(BIN / "distgan"), "generate", "--help"], capture_output=True, text=True, timeout=patience(60)
+    )
     assert p.returncode == 0 and "--interpolate K" in p.stdout and "--truncation" in p.stdout
+
+
+# ---------------------------------------------------------------------- class-conditional generators
+
+FREQ = [0.7, 0.1, 0.1, 0.1]  # the data's class frequencies (class_counts 140, 20, 20, 20)
+
+
+@pytest.fixture(scope="module")
+def cond_run(tmp_path_factory):
+    """A run dir as a conditional training leaves it: config.yaml (labelled shards whose manifest counts the
+    classes) and a checkpoint of a tiny 4-class G whose images depend on both z and c."""
+    root = tmp_path_factory.mktemp("cond")
+    shards = labelled_shards(root / "shards", [140, 20, 20, 20])
+    G, _ = conditional_generator(4)
+    write_run(root / "run", conditional_config(4, "data.source=shards", f"data.shards={shards}"), G)
+    return root / "run"
+
+
+def cond_export(run):
+    return run / "checkpoints" / "ckpt-000000064" / "generator.safetensors"
+
+
+def as_uint8(x):
+    """[N, C, H, W] in [-1, 1] -> uint8 [N, H, W, C], rounded as save_image rounds."""
+    return ((x.clamp(-1, 1) + 1) / 2 * 255 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def rendered(run, z, c):
+    G = load_generator(cond_export(run))
+    with torch.no_grad():
+        return G(z, torch.as_tensor(c, dtype=torch.long))
+
+
+def test_class_grid_has_one_row_per_class_on_the_same_latents(cond_run, tmp_path, capsys):
+    from torchvision.utils import save_image
+
+    code, out, err = gen("--run", cond_run, "--class", "2,0", "--num", 7, "--out", tmp_path / "g.png", capsys=capsys)
+    assert code == 0, err
+    assert "(G_ema at 0.064 kimg, z_dim 16, 4 classes) on " in out and "classes: 2, 0 (--class)" in out
+    assert "a grid of 2 classes x 3 images, one row per class (seed 0)" in out  # 7 // 2 columns
+    z = generate.latents(0, 0, 3, 16)
+    want = rendered(cond_run, z.repeat(2, 1), [2, 2, 2, 0, 0, 0])
+    save_image(want, tmp_path / "ref.png", nrow=3, normalize=True, value_range=(-1, 1))  # as the trainer's grids
+    grid = np.asarray(Image.open(tmp_path / "g.png"))
+    assert grid.shape == (2 * 34 + 2, 3 * 34 + 2, 3)
+    assert np.array_equal(grid, np.asarray(Image.open(tmp_path / "ref.png")))
+
+    def tile(r, col):
+        return grid[2 + 34 * r : 2 + 34 * r + 32, 2 + 34 * col : 2 + 34 * col + 32]
+
+    for col in range(3):  # row r, column j: latent j of class --class[r]
+        assert np.array_equal(tile(0, col), as_uint8(rendered(cond_run, z[col : col + 1], [2]))[0])
+        assert np.array_equal(tile(1, col), as_uint8(rendered(cond_run, z[col : col + 1], [0]))[0])
+        assert not np.array_equal(tile(0, col), tile(1, col))  # control: the class changes the image
+    assert not np.array_equal(tile(0, 0), tile(0, 1))  # and so does the latent
+
+    # One class: a grid of --num images of it, ceil(sqrt(N)) columns as for an unconditional G.
+    assert gen("--run", cond_run, "--class", 3, "--num", 4, "--out", tmp_path / "one.png")[0] == 0
+    save_image(rendered(cond_run, generate.latents(0, 0, 4, 16), [3] * 4), tmp_path / "ref1.png", nrow=2,
+               normalize=True, value_range=(-1, 1))  # fmt: skip
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "one.png")), np.asarray(Image.open(tmp_path / "ref1.png")))
+
+
+def test_class_files_cycle_through_the_classes(cond_run, tmp_path):
+    assert gen("--run", cond_run, "--class", "1,3", "--num", 5, "--batch", 2, "--out", tmp_path / "d")[0] == 0
+    want = as_uint8(rendered(cond_run, generate.latents(0, 0, 5, 16), [1, 3, 1, 3, 1]))
+    for i in range(5):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "d" / f"{i:06d}.png")), want[i]), i
+
+
+def test_without_class_the_classes_are_drawn_like_the_data(cond_run, tmp_path, capsys):
+    from torchvision.utils import save_image
+
+    n = 40
+    code, out, err = gen("--run", cond_run, "--num", n, "--batch", 16, "--out", tmp_path / "d", capsys=capsys)
+    assert code == 0, err
+    assert "classes: drawn like the data (its class frequencies)" in out
+    # The documented rule: class i is entry i % 256 of a block drawn from (seed, labels, i // 256) by the data's
+    # class frequencies; 70% of the data is class 0, so most images are.
+    c = rng.block_labels(range(n), 4, 0, block=generate.BLOCK, probs=FREQ)
+    assert torch.equal(generate.labels(0, 0, n, 4, FREQ), c)
+    assert 0.5 < (c == 0).float().mean() < 0.9
+    z = generate.latents(0, 0, n, 16)
+    want = as_uint8(rendered(cond_run, z, c))
+    files = [np.asarray(Image.open(tmp_path / "d" / f"{i:06d}.png")) for i in range(n)]
+    assert all(np.array_equal(files[i], want[i]) for i in range(n))
+    # Control: uniform classes (what a G with no run config to read draws) are other images.
+    uniform = rng.block_labels(range(n), 4, 0, block=generate.BLOCK)
+    assert (uniform == 0).float().mean() < 0.5
+    other = as_uint8(rendered(cond_run, z, uniform))
+    assert sum(not np.array_equal(files[i], other[i]) for i in range(n)) > n // 4
+
+    # A --num grid draws the same classes; the checkpoint's own export finds its run's config too.
+    export = cond_export(cond_run)
+    assert gen("--checkpoint", export, "--num", 5, "--out", tmp_path / "g.png")[0] == 0
+    save_image(rendered(cond_run, z[:5], c[:5]), tmp_path / "ref.png", nrow=3, normalize=True, value_range=(-1, 1))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "g.png")), np.asarray(Image.open(tmp_path / "ref.png")))
+
+    # The export alone, outside its run: no config to say the data's frequencies, so uniformly.
+    alone = tmp_path / "generator.safetensors"
+    alone.write_bytes(export.read_bytes())
+    code, out, err = gen("--checkpoint", alone, "--num", n, "--out", tmp_path / "u", capsys=capsys)
+    assert code == 0 and "classes: drawn uniformly (no run config" in out, out + err
+    assert all(np.array_equal(np.asarray(Image.open(tmp_path / "u" / f"{i:06d}.png")), other[i]) for i in range(n))
+
+
+def test_class_walks_stay_within_their_class(cond_run, tmp_path, monkeypatch):
+    argv = ("--run", cond_run, "--class", "1,3", "--num", 4, "--interpolate", 2, "--frames", 2)
+    assert gen(*argv, "--out", tmp_path / "w.gif")[0] == 0
+    gif = Image.open(tmp_path / "w.gif")
+    assert (gif.n_frames, gif.size) == (4, (2 * 34 + 2, 2 * 34 + 2))  # 2 classes x 2 walks
+    # The frames exactly, before a GIF's palette rounds them: caught on their way to the writer.
+    frames = []
+    monkeypatch.setattr(generate, "write_animation", lambda fr, out, fps: frames.extend(np.asarray(f) for f in fr))
+    assert gen(*argv, "--batch", 3, "--out", tmp_path / "w2.gif")[0] == 0
+    assert len(frames) == 4
+    keys = generate.latents(0, 0, 2 * 2, 16).view(2, 2, 16)  # [K, walks, z]: walk j's keys, the same in every row
+    mid = generate.slerp(keys[0], keys[1], 0.5)  # frame 1: halfway from the first keys to the second
+    for f, z in ((0, keys[0]), (1, mid), (2, keys[1])):
+        want = generate.to_frame(rendered(cond_run, z[[0, 1, 0, 1]], [1, 1, 3, 3]), 2).numpy()  # rows: class 1, 3
+        assert np.array_equal(frames[f], want), f
+        swapped = generate.to_frame(rendered(cond_run, z[[0, 1, 0, 1]], [3, 3, 1, 1]), 2).numpy()
+        assert not np.array_equal(frames[f], swapped)  # control: the rows' classes matter
+
+
+def test_a_class_the_generator_lacks_is_one_line(cond_run, tmp_path, capsys):
+    code, out, err = gen("--run", cond_run, "--class", "0,4", "--out", tmp_path / "x.png", capsys=capsys)
+    lines = err.splitlines()
+    assert code == 2 and lines == ["distgan generate: error: --class 0,4: the generator has 4 classes (0..3)"]
+    assert not (tmp_path / "x.png").exists()

@@ -66,7 +66,7 @@ def test_a_skipped_update_is_decided_without_reading_a_scalar(monkeypatch):
     tr = make_trainer()
     reads = _reads_per_step(tr)
     assert reads == [[], [], []]
-    assert tr._skip_counts.tolist() == [0, 1, 1]  # step 2 was skipped (and counted on the device)
+    assert tr.guard._counts.tolist() == [0, 1, 1]  # step 2 was skipped (and counted on the device)
 
 
 def test_the_old_ways_are_counted():

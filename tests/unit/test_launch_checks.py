@@ -6,6 +6,7 @@ and a per-GPU batch that does not divide a process's share of the global batch."
 import pytest
 import torch
 
+from conftest import patience
 from distgan.config import describe_batch, load_config, micro_batches
 from distgan.distributed import bf16_problem, device_problem, expected_gpus
 from distgan.errors import ConfigError
@@ -42,7 +43,7 @@ def test_the_cli_refuses_a_gpu_launch_that_sees_no_gpu(tmp_path):
     p = subprocess.run(
         [sys.executable, "-m", "distgan.train", "--config", str(REPO / "configs" / "smoke.yaml"), "--run-dir",
          str(tmp_path / "run")],
-        env=cli_env(CUDA_VISIBLE_DEVICES="0"), capture_output=True, text=True, timeout=120,
+        env=cli_env(CUDA_VISIBLE_DEVICES="0"), capture_output=True, text=True, timeout=patience(120),
     )  # fmt: skip
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")  # (never in CI)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, require
+from conftest import REPO, patience, require
 
 GPUS_SH = REPO / "launch" / "gpus.sh"
 # Nothing of the caller's environment that the rules read: each case sets what it needs.
@@ -29,7 +29,7 @@ def bash(function: str, *args: str, path: str | None = None, **env: str) -> tupl
     if path is not None:
         base["PATH"] = path
     p = subprocess.run(["/bin/bash", "-c", 'source "$1" && shift && "$@"', "bash", str(GPUS_SH), function, *args],
-                       env={**base, **env}, capture_output=True, text=True, timeout=30)  # fmt: skip
+                       env={**base, **env}, capture_output=True, text=True, timeout=patience(30))  # fmt: skip
     assert not p.stderr, p.stderr
     return p.returncode, p.stdout.strip()
 

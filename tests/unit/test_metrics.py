@@ -19,7 +19,18 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from metrics_support import random_inception_weights, save_tinynet, write_folder
+from metrics_support import (
+    ConstantClassifier,
+    PrototypeClassifier,
+    conditional_config,
+    conditional_generator,
+    labelled_shards,
+    prototypes,
+    random_inception_weights,
+    save_script,
+    save_tinynet,
+    write_folder,
+)
 from torch import nn
 
 from support import make_trainer, write_shards
@@ -321,3 +332,128 @@ def test_eval_config_is_validated():
     for part in ("eval.metrics 'fid,lpips'", "eval.features 'vgg'", "eval.num=1 must be >= 2", "eval.every_kimg=-1.0"):
         assert part in msg, msg
     load_config(None, ["eval.metrics=fid,kid,is,pr", "eval.features=torchscript:x.pt"]).validate()
+
+
+# ---------------------------------------------------------------------- class_match (conditional generators)
+
+FREQ = [0.7, 0.1, 0.1, 0.1]  # the data's class frequencies in these tests
+NUM_CLASS_MATCH = 200
+
+
+def _classifiers(tmp_path, G) -> dict[str, str]:
+    """TorchScript classifiers of a class-only G's images, whose answers the test knows: `right` (the nearest class
+    prototype: every image's own class), `shifted` (always the next class: never right), `zero` (always class 0)."""
+    protos = prototypes(G, 4)
+    modules = {"right": PrototypeClassifier(protos), "shifted": PrototypeClassifier(protos, shift=1),
+               "zero": ConstantClassifier(4, 0)}  # fmt: skip
+    return {name: str(save_script(m, tmp_path / f"{name}.pt")) for name, m in modules.items()}
+
+
+def test_class_match_is_the_share_of_images_put_in_their_own_class(tmp_path):
+    from distgan.metrics import MetricsError
+    from distgan.metrics.compute import class_match
+    from distgan.metrics.evaluator import Evaluator
+    from distgan.metrics.features import make_classifier, make_extractor
+    from distgan.metrics.sources import FolderSource, GeneratorSource
+
+    G, _ = conditional_generator(4, class_only=True)  # G(z, c) depends on c alone: a prototype per class
+    ex = make_extractor(f"torchscript:{save_tinynet(tmp_path / 'net.pt')}")
+    paths = _classifiers(tmp_path, G)
+
+    def evaluate(classifier: str, probs=FREQ, source=None):
+        ev = Evaluator(["is"], ex, num=NUM_CLASS_MATCH, batch=32, use_cache=False,
+                       classifier=make_classifier(f"torchscript:{classifier}"))  # fmt: skip
+        return ev.evaluate(source or GeneratorSource(G, G.z_dim, seed=0, num_classes=4, class_probs=probs))
+
+    values = evaluate(paths["right"])
+    assert list(values) == ["is", "is_std", "class_match"] and values["class_match"] == 1.0
+    assert evaluate(paths["shifted"])["class_match"] == 0.0
+    # Always class 0: the share of images generated for class 0, by hand from the documented labels; with the
+    # data's frequencies that is near 0.7, drawn uniformly near 0.25.
+    labels = GeneratorSource(G, G.z_dim, seed=0, num_classes=4, class_probs=FREQ).labels(np.arange(NUM_CLASS_MATCH))
+    share = (labels == 0).sum().item() / NUM_CLASS_MATCH
+    assert evaluate(paths["zero"])["class_match"] == share and 0.6 < share < 0.8
+    assert evaluate(paths["zero"], probs=None)["class_match"] < 0.4
+
+    assert class_match(torch.tensor([0, 1, 2, 2]), torch.tensor([0, 1, 1, 2])) == 0.75
+    assert class_match(torch.eye(3)[[2, 0, 1]], torch.tensor([2, 0, 0])) == 2 / 3  # logits: their argmax
+
+    # Refusals, one line each: a classifier of another class count, an unconditional G, a folder of images, a
+    # module that does not return logits [N, K].
+    save_script(ConstantClassifier(3, 0), tmp_path / "three.pt")
+    with pytest.raises(MetricsError, match=r"returns 3 class logits but the generator \(generator\) has 4 classes"):
+        evaluate(str(tmp_path / "three.pt"))
+    plain = nn.Sequential(nn.Linear(16, 3 * 32 * 32), nn.Unflatten(1, (3, 32, 32)), nn.Tanh())
+    with pytest.raises(MetricsError, match=r"needs a conditional generator; generator is unconditional"):
+        evaluate(paths["right"], source=GeneratorSource(plain, 16))
+    with pytest.raises(MetricsError, match="were not generated for known classes"):
+        evaluate(paths["right"], source=FolderSource(write_folder(tmp_path / "f", 4, 0, size=32)))
+    save_script(nn.Flatten(0), tmp_path / "flat.pt")
+    with pytest.raises(MetricsError, match=r"a classifier must return class logits \[N, K\]"):
+        evaluate(str(tmp_path / "flat.pt"))
+    with pytest.raises(MetricsError, match="must be `torchscript:PATH`"):
+        make_classifier("resnet")
+
+
+def test_classes_are_drawn_like_the_data_else_uniformly(tmp_path):
+    from distgan.metrics.sources import data_class_probs
+
+    shards = labelled_shards(tmp_path / "counted", [140, 20, 20, 20])
+    probs, how = data_class_probs(conditional_config(4, "data.source=shards", f"data.shards={shards}"), 4)
+    assert probs == pytest.approx(FREQ) and how == "like the data (its class frequencies)"
+    assert data_class_probs(conditional_config(4, "data.source=shapes"), 4)[0] == [0.25] * 4  # uniform by design
+    write_shards(tmp_path / "uncounted", 1, 8, num_classes=4, label=lambda i: i % 4)  # an older manifest
+    cases = {
+        "no run config": None,
+        "does not say its class frequencies": conditional_config(4, "data.source=shards",
+                                                                 f"data.shards={tmp_path / 'uncounted'}"),
+        "the data has 4 classes, the generator 3": conditional_config(4, "data.source=shards", f"data.shards={shards}"),
+        "unreadable": conditional_config(4, "data.source=shards", f"data.shards={tmp_path / 'moved'}"),
+    }  # fmt: skip
+    for why, cfg in cases.items():
+        probs, how = data_class_probs(cfg, 3 if "generator 3" in why else 4)
+        assert probs is None and how.startswith("uniformly (") and why in how, (why, how)
+    assert data_class_probs(conditional_config(10, "data.source=mnist"), 10)[0] is None  # only the labels would say
+
+
+def _class_match_ranks(rank, world, export, net, classifiers):
+    from distgan import distributed
+    from distgan.export import load_generator
+    from distgan.metrics.evaluator import Evaluator
+    from distgan.metrics.features import make_classifier, make_extractor
+    from distgan.metrics.sources import GeneratorSource
+
+    dist = distributed.setup("fp32", threads=1)
+    try:
+        G = load_generator(export)
+        out = {}
+        for name, path in classifiers.items():
+            ev = Evaluator(["is"], make_extractor(f"torchscript:{net}"), None, dist, num=45, batch=8, use_cache=False,
+                           classifier=make_classifier(f"torchscript:{path}"))  # fmt: skip
+            source = GeneratorSource(G, G.z_dim, seed=0, num_classes=G.num_classes, class_probs=FREQ)
+            out[name] = ev.evaluate(source)
+        out["labels"] = GeneratorSource(G, G.z_dim, seed=0, num_classes=4, class_probs=FREQ).labels(np.arange(45))
+        return out
+    finally:
+        dist.close()
+
+
+@pytest.mark.dist
+def test_class_match_on_two_ranks_is_one_ranks(tmp_path):
+    """Each rank classifies its share (22 / 23 images, in uneven batches of 8); the gathered predictions meet the
+    labels in the global order: a share out of place would put images against other images' classes."""
+    from distgan.export import generator_bytes
+    from support import run_ranks
+
+    G, cfg = conditional_generator(4, class_only=True)
+    export = tmp_path / "generator.safetensors"
+    export.write_bytes(generator_bytes(G, cfg.to_dict()["model"], 0))
+    args = (str(export), str(save_tinynet(tmp_path / "net.pt")), _classifiers(tmp_path, G))
+    one = _class_match_ranks(0, 1, *args)
+    two = run_ranks(_class_match_ranks, 2, *args)
+    share = (one["labels"] == 0).float().mean().item()
+    assert [one[n]["class_match"] for n in ("right", "shifted", "zero")] == [1.0, 0.0, pytest.approx(share)]
+    for name in ("right", "shifted", "zero"):
+        assert two[0][name] == two[1][name]  # every rank gets rank 0's values
+        assert two[0][name]["class_match"] == one[name]["class_match"], name
+        assert two[0][name]["is"] == pytest.approx(one[name]["is"], rel=1e-5)

@@ -1,12 +1,13 @@
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import pytest
 import torch
 from torch import nn
 
 from distgan.config import ModelConfig
-from distgan.models import build_discriminator, build_generator
+from distgan.models import DCGANOptions, build_discriminator, build_generator
 from distgan.models.dcgan import Discriminator, Generator
 
 
@@ -17,7 +18,7 @@ def n_params(m: nn.Module) -> int:
 @pytest.mark.parametrize("res", [32, 64, 128])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_shapes(res, channels):
-    cfg = ModelConfig(resolution=res, channels=channels, z_dim=20, g_width=8, d_width=8)
+    cfg = ModelConfig(resolution=res, channels=channels, z_dim=20, options=DCGANOptions(g_width=8, d_width=8))
     G, D = build_generator(cfg), build_discriminator(cfg)
     z = torch.randn(5, 20)
     x = G(z)
@@ -79,7 +80,7 @@ def test_discriminator_returns_unbounded_logits():
 
 
 def test_norm_none_has_no_batchnorm_and_is_batch_independent():
-    cfg = ModelConfig(resolution=32, channels=3, z_dim=8, g_width=4, d_width=4, norm="none")
+    cfg = ModelConfig(resolution=32, channels=3, z_dim=8, options=DCGANOptions(g_width=4, d_width=4, norm="none"))
     G, D = build_generator(cfg), build_discriminator(cfg)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in [*G.modules(), *D.modules()])
     z = torch.randn(6, 8)
@@ -93,9 +94,139 @@ def test_bad_resolution():
 
 def test_importing_distgan_models_losses_loads_no_heavy_frameworks():
     code = (
-        "import sys, distgan, distgan.models, distgan.models.dcgan, distgan.losses, distgan.config, distgan.trainer\n"
+        "import sys, distgan, distgan.models, distgan.models.dcgan, distgan.losses, distgan.config, distgan.training\n"
         "bad = [m for m in ('accelerate', 'deepspeed', 'wandb') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
+
+
+# ---------------------------------------------------------------------- conditional DCGAN
+
+
+def test_conditional_dcgan_embeds_the_class_in_g_and_projects_it_in_d():
+    cfg = ModelConfig(resolution=32, channels=3, z_dim=8, num_classes=4, options=DCGANOptions(g_width=4, d_width=4))
+    G, D = build_generator(cfg), build_discriminator(cfg)
+    z = torch.randn(6, 8).repeat(4, 1)  # the same 6 latents for each of the 4 classes
+    c = torch.arange(4).repeat_interleave(6)
+    with torch.no_grad():
+        x = G(z, c)
+        assert x.shape == (24, 3, 32, 32)
+        per_class = x.view(4, 6, -1)
+        assert all(not torch.allclose(per_class[0], per_class[k]) for k in range(1, 4))  # the class changes the image
+        logits = D(x, c)
+        assert logits.shape == (24,)
+        # The projection: D's logit moves with the class it is told, for the same image.
+        assert not torch.allclose(D(x, c), D(x, (c + 1) % 4))
+        h = x
+        for layer in D._trunk:
+            h = layer(h)
+        by_hand = D._head(h).flatten() + (D.embed(c) * h.sum(dim=(2, 3))).sum(1)
+        torch.testing.assert_close(logits, by_hand)
+    # 4 classes add G's embedding (4 x z_dim) and D's projection (4 x D's last width, 4 * 2^2 = 16 at 32x32).
+    plain = ModelConfig(resolution=32, channels=3, z_dim=8, options=DCGANOptions(g_width=4, d_width=4))
+    g0, d0 = build_generator(plain), build_discriminator(plain)
+    assert n_params(G) - n_params(g0) == 4 * 8 + 8 * 16 * 4 * 4  # embedding + the wider first ConvT (z+embed in)
+    assert n_params(D) - n_params(d0) == 4 * 16
+    assert set(d0.state_dict()) == {k for k in D.state_dict() if not k.startswith("embed")}  # old names kept
+
+
+def test_an_unconditional_dcgan_is_unchanged_by_the_conditional_code():
+    """The same seed gives the same weights and the same images as before conditioning existed (no embedding is
+    made, nothing else draws from the RNG): today's configs keep their behaviour."""
+    torch.manual_seed(0)
+    G = Generator(16, 32, 3, 8)
+    torch.manual_seed(0)
+    again = Generator(16, 32, 3, 8, num_classes=0, embed_dim=7)
+    assert G.embed is None and all(torch.equal(a, b) for a, b in zip(G.parameters(), again.parameters()))
+
+
+# ---------------------------------------------------------------------- the family registry
+
+
+@dataclass
+class ToyOptions:
+    """A toy family: one linear layer each way (registered by this test only)."""
+
+    width: int = 4
+
+
+def build_generator_toy(cfg):
+    return _ToyG(cfg)
+
+
+class _ToyG(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.res, self.ch = cfg.resolution, cfg.channels
+        self.lin = nn.Linear(cfg.z_dim, self.ch * self.res * self.res)
+
+    def forward(self, z, c=None):
+        return torch.tanh(self.lin(z)).view(-1, self.ch, self.res, self.res)
+
+
+class _ToyD(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.lin = nn.Linear(cfg.channels * cfg.resolution**2, cfg.options.width)
+        self.out = nn.Linear(cfg.options.width, 1)
+
+    def forward(self, x, c=None):
+        return self.out(torch.relu(self.lin(x.flatten(1)))).flatten()
+
+
+def build_discriminator(cfg):  # noqa: F811 (this module is the toy family's module)
+    import distgan.models as models
+
+    if cfg.family == "toy":
+        return _ToyD(cfg)
+    return models.build_discriminator(cfg)
+
+
+def build_generator(cfg):  # noqa: F811
+    import distgan.models as models
+
+    if cfg.family == "toy":
+        return build_generator_toy(cfg)
+    return models.build_generator(cfg)
+
+
+@pytest.fixture
+def toy_family():
+    from distgan.models import FAMILIES, Family, register
+
+    register(Family("toy", ToyOptions, module=__name__, resolutions=(8, 16), conditional=False, doc="a toy"))
+    yield
+    FAMILIES.pop("toy")
+
+
+def test_a_family_is_one_module_one_registry_entry_and_one_config_dataclass(toy_family):
+    from distgan.config import field_index, load_config
+    from distgan.errors import ConfigError
+    from support import make_trainer
+
+    assert field_index()["model.toy.width"].default == 4  # its section is in the config, with its default
+    cfg = load_config(None, ["model.family=toy", "model.resolution=16", "model.toy.width=6"]).validate()
+    assert cfg.model.options == ToyOptions(width=6) and cfg.to_dict()["model"]["toy"] == {"width": 6}
+    # A key of another family's section names that family; a size the family does not make is refused.
+    with pytest.raises(ConfigError, match=r"model.dcgan.g_width is an option of model family dcgan, but model.fam"):
+        load_config(None, ["model.family=toy", "model.dcgan.g_width=8"])
+    with pytest.raises(ConfigError, match=r"model.resolution=32 cannot be made by toy \(choose from \[8, 16\]\)"):
+        load_config(None, ["model.family=toy"]).validate()
+    with pytest.raises(ConfigError, match=r"model.num_classes=3 but family toy is unconditional"):
+        load_config(None, ["model.family=toy", "model.resolution=16", "model.num_classes=3"]).validate()
+    # It trains: two steps through the whole trainer, and its export rebuilds it.
+    tr = make_trainer(
+        "model.family=toy",
+        "model.resolution=16",
+        "model.toy.width=6",
+        "data.num_images=64",
+        "train.batch=8",
+        config=None,
+    )
+    before = [p.detach().clone() for p in tr.D_module.parameters()]
+    for _ in range(2):
+        tr.train_step(*tr.draw())
+    assert tr.step_idx == 2 and isinstance(tr.D_module, _ToyD) and tr.D_module.lin.out_features == 6
+    assert any(not torch.equal(a, b) for a, b in zip(before, tr.D_module.parameters()))

@@ -2,7 +2,8 @@
 nothing of that batch leaks into what a checkpoint records (position), what the trainer logs (fault counts) or
 names (keys, bad shards). On CPU the copy to the device is a no-op, but the code path is the CUDA one.
 
-Shards come from support.write_shards: sample id = key, every pixel = id % 256.
+Shards come from support.write_shards: sample id = key, every pixel = id % 256, class (KEY.cls) = id % 7; the
+array stream's images are their ids, labels id % 7. take() checks that each label arrives with its own image.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 
 from distgan.config import load_config
 from distgan.data import ArrayStream, make_stream
+from distgan.data.batch import Batch
 from distgan.data.prefetch import Prefetcher
 from distgan.data.stream import ShardStream
 from distgan.errors import DataError
@@ -26,7 +28,8 @@ def ids(n=10):
 
 
 def array_stream():
-    return ArrayStream(ids(), batch=4, rank=1, world_size=2, seed=5)  # 2 per rank: 5 batches per epoch
+    # 2 per rank: 5 batches per epoch
+    return ArrayStream(ids(), batch=4, rank=1, world_size=2, seed=5, labels=np.arange(10) % 7)
 
 
 def shard_stream(folder, workers, world=1, rank=0, *overrides):
@@ -38,12 +41,19 @@ def shard_stream(folder, workers, world=1, rank=0, *overrides):
 
 
 def take(stream, n):
-    return [next(stream).flatten().tolist() for _ in range(n)]
+    """The images of n batches, as lists of pixels (= ids); each batch's labels checked to be its images'."""
+    out = []
+    for _ in range(n):
+        batch = next(stream)
+        assert isinstance(batch, Batch)
+        assert batch.labels.tolist() == [i % 7 for i in batch.images[:, 0, 0, 0].tolist()]
+        out.append(batch.images.flatten().tolist())
+    return out
 
 
 @pytest.fixture
 def shards(tmp_path):
-    write_shards(tmp_path, 4, 6)  # 24 samples, 6 batches of 4 per epoch on one rank
+    write_shards(tmp_path, 4, 6, label=lambda i: i % 7, num_classes=7)  # 24 samples, 6 batches of 4 per epoch
     return tmp_path
 
 
@@ -65,10 +75,12 @@ def test_the_prefetcher_yields_the_streams_batches(shards, kind):
     got = []
     for _ in range(9):
         batch = next(p)
-        assert batch.dtype == torch.uint8 and batch.device == CPU
-        got.append(batch.flatten().tolist())
+        assert batch.images.dtype == torch.uint8 and batch.images.device == CPU and batch.labels.device == CPU
+        assert batch.labels.tolist() == [int(i) % 7 for i in batch.images[:, 0, 0, 0]]  # each label with its image
+        got.append(batch.images.flatten().tolist())
         if kind != "array":  # the keys of the batch handed out, not of the one pulled ahead
-            assert [int(k) % 256 for k in p.last_keys] == batch[:, 0, 0, 0].tolist()
+            assert [int(k) % 256 for k in p.last_keys] == batch.images[:, 0, 0, 0].tolist()
+            assert [int(k) % 7 for k in p.last_keys] == batch.labels.tolist()
     assert got == expected
     raw.close()
     p.close()
@@ -105,7 +117,7 @@ def test_nothing_is_pulled_before_the_first_batch_and_peek_moves_nothing(shards,
     assert grid.shape[0] == 3 and p.state_dict() == before == p.stream.state_dict()
     if kind != "array":
         assert p.stream._it is None  # no loader worker started yet
-        assert p.describe().startswith("data: 24 samples in 4 shards")
+        assert p.describe().startswith("data: 24 samples of 7 classes in 4 shards")
     else:
         assert not hasattr(p, "describe")  # only what the wrapped stream has (train.py checks with hasattr)
     # A checkpoint loaded before the first batch: the prefetcher starts from it.
@@ -171,7 +183,7 @@ def test_load_state_dict_drops_the_batch_pulled_ahead_and_its_counts(tmp_path):
     def corrupt(i, key):
         return {f"{key}.png": b"not a png"} if i == 1 else None  # shard 1 is all bad
 
-    write_shards(tmp_path, 4, 6, extra=corrupt)
+    write_shards(tmp_path, 4, 6, extra=corrupt, label=lambda i: i % 7, num_classes=7)
     raw = shard_stream(tmp_path, 0)
     for _ in range(3):
         next(raw)
@@ -186,8 +198,24 @@ def test_load_state_dict_drops_the_batch_pulled_ahead_and_its_counts(tmp_path):
         next(straight)
     straight.take_stats()
     for _ in range(3):
-        assert torch.equal(next(p), next(straight))
+        a, b = next(p), next(straight)
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
     assert p.take_stats() == straight.take_stats()
+
+
+def test_the_loaders_pin_thread_pins_images_and_labels(monkeypatch):
+    # With loader workers and CUDA, the DataLoader's pin thread pins what a worker yields: the item dict, and in it
+    # the Batch, through Batch.pin_memory. Without CUDA nothing can be pinned, so count what would be.
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *args, **kw: pinned.append(self) or self.clone())
+    images, labels = torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.tensor([3, 1])
+    item = {"batch": Batch(images, labels), "keys": ["a", "b"], "worker": 0, "stats": {"bad": 0}}
+    out = pin_memory(item)
+    assert isinstance(out["batch"], Batch) and out["keys"] == ["a", "b"]
+    assert len(pinned) == 2 and {id(t) for t in pinned} == {id(images), id(labels)}
+    assert torch.equal(out["batch"].labels, labels) and out["batch"].labels is not labels  # the pinned copies
 
 
 class _Failing:
@@ -200,7 +228,7 @@ class _Failing:
         self.n += 1
         if self.n == 3:
             raise DataError("no readable samples in any of the 2 shards")
-        return torch.full((2, 1, 1, 1), self.n, dtype=torch.uint8)
+        return Batch(torch.full((2, 1, 1, 1), self.n, dtype=torch.uint8))
 
     def take_stats(self):
         return {}
@@ -214,8 +242,9 @@ class _Failing:
 
 def test_an_error_pulling_ahead_is_raised_by_the_batch_it_belongs_to():
     p = Prefetcher(_Failing(), CPU)
-    assert next(p)[0, 0, 0, 0] == 1
-    assert next(p)[0, 0, 0, 0] == 2  # the third pull failed meanwhile: not raised one batch early
+    assert next(p).images[0, 0, 0, 0] == 1
+    first = next(p)
+    assert first.images[0, 0, 0, 0] == 2 and first.labels is None  # the third pull failed meanwhile: not raised
     assert p.state_dict() == {"n": 2}
     with pytest.raises(DataError, match="no readable samples"):
         next(p)
@@ -240,19 +269,26 @@ def test_on_cuda_the_batches_arrive_on_the_device_unchanged(shards, kind):
         ["data.source=shapes", "data.num_images=40", "model.resolution=8", "train.batch=4"]
     )  # fmt: skip
     cuda = torch.device("cuda")
-    expected = take(make_stream(cfg, 0, 1), 8)
+
+    def host(batch):
+        return batch.images.cpu().flatten().tolist(), batch.labels.cpu().tolist()
+
+    raw = make_stream(cfg, 0, 1)
+    expected = [host(next(raw)) for _ in range(8)]
     stream = make_stream(cfg, 0, 1, device=cuda)
     assert stream.pin_memory
     p = Prefetcher(stream, cuda)
     got = []
     for _ in range(5):
         batch = next(p)
-        assert batch.is_cuda
-        got.append(batch.float().mul(2).cpu().flatten().div(2).to(torch.uint8).tolist())  # used on the current stream
+        assert batch.images.is_cuda and batch.labels.is_cuda
+        images = batch.images.float().mul(2).div(2).to(torch.uint8)  # used on the current stream
+        got.append((images.cpu().flatten().tolist(), (batch.labels + 0).cpu().tolist()))
     state = p.state_dict()
     p.close()
     resumed = Prefetcher(make_stream(cfg, 0, 1, device=cuda), cuda)
     resumed.load_state_dict(state)
-    got += [next(resumed).cpu().flatten().tolist() for _ in range(3)]
+    got += [host(next(resumed)) for _ in range(3)]
     resumed.close()
+    raw.close()
     assert got == expected

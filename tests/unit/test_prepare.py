@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import patience
 from distgan.data import shapes
 from distgan.data.manifest import read_manifest, sha256_file
 from distgan.data.prepare import main, parse_bytes
@@ -98,6 +99,10 @@ def test_shapes_manifest_members_and_pixels(tmp_path, capsys):
         assert np.array_equal(pixels(found[key]["png"]), images[j].transpose(1, 2, 0))
         assert found[key]["cls"] == str(labels[j]).encode()
     assert not np.array_equal(order, np.arange(50))  # shuffled: key j is not image j
+    # Samples per class, aligned with the classes: what the .cls members hold, and what shapes would render.
+    assert m["class_counts"] == np.bincount([int(s["cls"]) for s in found.values()], minlength=4).tolist()
+    assert m["class_counts"] == np.bincount(labels, minlength=4).tolist() and sum(m["class_counts"]) == 50
+    assert min(m["class_counts"]) > 0
 
 
 def test_no_shuffle_keeps_source_order_and_size_renders_directly(tmp_path):
@@ -167,6 +172,7 @@ def test_folder_with_classes(tmp_path):
     assert prepare("folder", "--src", src, "--size", 16, "--out", out) == 0
     m = read_manifest(out)
     assert m["classes"] == ["cat", "dog", "emu"] and m["num_samples"] == 5 and m["skipped"] == []
+    assert m["class_counts"] == [2, 2, 1]
     assert m["source"]["src"] == str(src.resolve()) and m["source"]["size"] == 16
     colours = {0: RED, 1: BLUE, 2: GREEN}
     found = samples(out)
@@ -185,6 +191,7 @@ def test_flat_folder_has_no_classes_and_infers_size_and_mode(tmp_path):
     assert prepare("folder", "--src", src, "--no-shuffle", "--out", out) == 0
     m = read_manifest(out)
     assert (m["classes"], m["resolution"], m["mode"], m["channels"]) == ([], 8, "L", 1)
+    assert m["class_counts"] == []
     found = samples(out)
     assert [set(s) for s in found.values()] == [{"png"}] * 4  # no .cls without classes
     assert [int(pixels(found[f"{j:08d}"]["png"])[0, 0]) for j in range(4)] == [0, 40, 80, 200]
@@ -270,6 +277,26 @@ def test_unreadable_images_are_skipped_and_listed(tmp_path, capsys):
     assert again["shards"] == m["shards"] and again["skipped"] == m["skipped"]
 
 
+def test_class_counts_leave_out_unreadable_images_also_on_a_rerun(tmp_path, capsys):
+    src, out = tmp_path / "src", tmp_path / "out"
+    for i in range(3):
+        solid(src / "a" / f"{i}.png", (8, 8), RED)
+    solid(src / "b" / "0.png", (8, 8), BLUE)
+    (src / "b" / "bad.png").write_text("this is not a png")
+    solid(src / "c" / "0.png", (8, 8), GREEN)
+    solid(src / "c" / "1.png", (8, 8), GREEN)
+    args = ("folder", "--src", src, "--shard-samples", 2, "--out", out)
+    assert prepare(*args) == 0
+    m = read_manifest(out)
+    assert m["classes"] == ["a", "b", "c"] and m["class_counts"] == [3, 1, 2] and m["num_samples"] == 6
+    found = samples(out)
+    assert np.bincount([int(s["cls"]) for s in found.values()]).tolist() == [3, 1, 2]
+    (out / "manifest.json").unlink()
+    assert prepare(*args) == 0  # every shard kept: their counts read back from their .cls members
+    assert "(4 kept from an earlier run)" in capsys.readouterr().out
+    assert read_manifest(out)["class_counts"] == [3, 1, 2]
+
+
 def test_bad_folders_are_one_line_errors(tmp_path, capsys):
     empty, broken, src = tmp_path / "empty", tmp_path / "broken", tmp_path / "src"
     empty.mkdir()
@@ -320,7 +347,10 @@ def test_resume_writes_only_missing_shards(tmp_path, capsys):
         k: v for k, v in before.items() if k != "shard-000002.tar"
     }
     assert after["shard-000002.tar"] != before["shard-000002.tar"]
-    assert read_manifest(out)["shards"] == first["shards"]  # identical bytes, so identical sha256s
+    again = read_manifest(out)
+    assert again["shards"] == first["shards"]  # identical bytes, so identical sha256s
+    # The kept shards' classes are counted from their .cls members: the same counts as in one go.
+    assert again["class_counts"] == first["class_counts"] and sum(first["class_counts"]) == 50
 
 
 def test_a_different_plan_is_refused_until_overwrite(tmp_path, capsys):
@@ -381,6 +411,7 @@ def test_mnist_from_local_raw_files(tmp_path, capsys):
     m = read_manifest(out)
     assert (m["num_samples"], m["resolution"], m["channels"], m["mode"]) == (12, 28, 1, "L")
     assert len(m["classes"]) == 10 and m["classes"][0].startswith("0")
+    assert m["class_counts"] == np.bincount(labels, minlength=10).tolist()  # [0, 2, 1, 2, 1, 3, 1, 0, 1, 1]
     assert [s["samples"] for s in m["shards"]] == [5, 5, 2]
     assert m["source"]["kind"] == "mnist" and m["source"]["root"] == str((tmp_path / "data").resolve())
     seen = []
@@ -422,6 +453,17 @@ def test_read_manifest_rejects_tampering(tmp_path):
     assert "format" in tampered(lambda m: m.update(format="something-else"))
     assert "shards is not a non-empty list" in tampered(lambda m: m.update(shards=[]))
     assert "resolution" in tampered(lambda m: m.update(resolution="32"))
+    assert good["class_counts"] and sum(good["class_counts"]) == 6
+    one_more = [c + (i == 0) for i, c in enumerate(good["class_counts"])]
+    assert "class_counts add up to 7, not num_samples 6" in tampered(lambda m: m.update(class_counts=one_more))
+    assert "class_counts has 3 entries for 4 classes" in tampered(lambda m: m["class_counts"].pop())
+    assert "not a list of non-negative" in tampered(lambda m: m.update(class_counts=[6, -1, 1, 0]))
+    assert "not a list of non-negative" in tampered(lambda m: m.update(class_counts="6"))
+    assert "2 entries for 0 classes" in tampered(lambda m: m.update(classes=[], class_counts=[1, 5]))
+    # A manifest from before class_counts (still version 1) reads as it always did.
+    old = {k: v for k, v in good.items() if k != "class_counts"}
+    (out / "manifest.json").write_text(json.dumps(old))
+    assert "class_counts" not in read_manifest(out) and read_manifest(out)["classes"] == good["classes"]
     (out / "manifest.json").write_text("{")
     with pytest.raises(DataError, match="cannot be read as JSON"):
         read_manifest(out)
@@ -437,7 +479,7 @@ def test_console_script_bad_input_exits_2_with_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     distgan = Path(sys.executable).parent / "distgan"
     cmd = [distgan, "prepare", "folder", "--src", tmp_path / "empty", "--out", tmp_path / "o", "--no-progress"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=patience(60))
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.splitlines() == [f"distgan: error: no images in {(tmp_path / 'empty').resolve()} " + "(looked for "
                                      ".png .jpg .jpeg .webp .bmp .gif .tif .tiff files, recursively)"]  # fmt: skip

@@ -2,7 +2,9 @@
 
 Ranks are simulated here by building one ShardStream per rank in this process: a stream depends on its rank
 and world size only through arithmetic (no collectives). Real multi-process runs are in tests/distributed and
-tests/integration. Shards come from support.write_shards: sample id = key, every pixel = id % 256.
+tests/integration. Shards come from support.write_shards: sample id = key, every pixel = id % 256, and in labelled
+shards (label=label_of) the class in KEY.cls = id % 7: consume() checks that every batch's rows agree, image, key
+and label, so a label that lost its image would show.
 """
 
 from __future__ import annotations
@@ -19,10 +21,23 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import patience
 from distgan.config import load_config
+from distgan.data.batch import Batch
 from distgan.data.stream import ShardStream
 from distgan.errors import DataError
 from support import write_shards
+
+CLASSES = 7
+
+
+def label_of(sid: int) -> int:
+    return sid % CLASSES
+
+
+def labelled(folder, n_shards, per_shard, **kw):
+    """write_shards with KEY.cls = id % 7 and a manifest listing 7 classes."""
+    return write_shards(folder, n_shards, per_shard, label=label_of, num_classes=CLASSES, **kw)
 
 
 def data_cfg(shards, *overrides):
@@ -34,16 +49,27 @@ def streams(shards, world=2, workers=2, batch=8, res=8, *overrides, seed=0):
     return [ShardStream(cfg, res, 3, batch, r, world, seed) for r in range(world)]
 
 
+def check(batch, keys, labels: bool):
+    """The batch's rows are the samples `keys` names: each image's pixels and each label are its sample's."""
+    assert isinstance(batch, Batch) and batch.images.dtype == torch.uint8 and len(batch) == len(keys)
+    ids = [int(k) for k in keys]
+    assert batch.images[:, 0, 0, 0].tolist() == [i % 256 for i in ids]
+    if labels:
+        assert batch.labels.dtype == torch.int64 and batch.labels.shape == (len(keys),)
+        assert batch.labels.tolist() == [label_of(i) for i in ids]
+        # ... and so the label is the one of the image it travels with (ids here are < 256: pixel = id).
+        assert batch.labels.tolist() == [label_of(p) for p in batch.images[:, 0, 0, 0].tolist()]
+    else:
+        assert batch.labels is None
+
+
 def consume(ranks, steps):
-    """Keys of `steps` global steps, per step and rank: [[rank0 keys, rank1 keys], ...]."""
+    """Keys of `steps` global steps, per step and rank: [[rank0 keys, rank1 keys], ...]; every batch checked."""
     out = []
     for _ in range(steps):
         row = []
         for s in ranks:
-            images = next(s)
-            assert images.dtype == torch.uint8
-            # The image really is the sample the key names.
-            assert [int(k) % 256 for k in s.last_keys] == images[:, 0, 0, 0].tolist()
+            check(next(s), s.last_keys, s.labelled)
             row.append(list(s.last_keys))
         out.append(row)
     return out
@@ -55,8 +81,9 @@ def keys_of(rows):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_every_sample_exactly_once_per_epoch_when_shards_divide(tmp_path, workers):
-    write_shards(tmp_path, 8, 8)  # 64 samples; 2 ranks x 4 per rank = 8 per step, 8 steps per epoch
+    labelled(tmp_path, 8, 8)  # 64 samples; 2 ranks x 4 per rank = 8 per step, 8 steps per epoch
     ranks = streams(tmp_path, workers=workers)
+    assert all(s.labelled and s.num_classes == CLASSES for s in ranks)
     epochs = [collections.Counter(keys_of(consume(ranks, 8))) for _ in range(3)]
     for counts in epochs:
         assert sorted(counts) == [f"{i:08d}" for i in range(64)] and set(counts.values()) == {1}
@@ -84,7 +111,7 @@ def test_seven_shards_on_two_ranks_of_two_workers_never_run_dry(tmp_path):
 
 
 def test_stream_resumes_exactly_across_an_epoch_end(tmp_path):
-    write_shards(tmp_path, 8, [8, 8, 8, 8, 8, 8, 8, 5])  # uneven last shard
+    labelled(tmp_path, 8, [8, 8, 8, 8, 8, 8, 8, 5])  # uneven last shard; consume() checks every label
     straight = streams(tmp_path)
     before = consume(straight, 7)  # 7 steps: an odd batch count (worker rotation) and the epoch nearly done
     states = [s.state_dict() for s in straight]
@@ -160,7 +187,7 @@ def scheme_counts(slot, n_slots, n_shards=S20, per=PER20, seed=0):
 
 
 def test_twenty_shards_feed_thirty_two_ranks_a_full_round(tmp_path):
-    write_shards(tmp_path, S20, PER20)
+    labelled(tmp_path, S20, PER20)
     ranks = streams(tmp_path, world=32, workers=0, batch=32 * B20)
     per_rank = [keys_of(consume([s], S20 * PER20 // B20)) for s in ranks]  # one round: 15 batches each
     for r, keys in enumerate(per_rank):
@@ -184,11 +211,16 @@ def _logical_worker_keys(stream, w, n_batches):
     """Keys of logical worker w's first batches, straight from the rank's _Batches (no loader process)."""
     stream.dataset.rotation = w  # outside a loader worker, _Batches serves logical worker `rotation`
     it = iter(stream.dataset)
-    return [next(it)["keys"] for _ in range(n_batches)]
+    out = []
+    for _ in range(n_batches):
+        item = next(it)
+        check(item["batch"], item["keys"], stream.labelled)
+        out.append(item["keys"])
+    return out
 
 
 def test_twenty_shards_feed_thirty_two_ranks_of_two_workers(tmp_path):
-    write_shards(tmp_path, S20, PER20)
+    labelled(tmp_path, S20, PER20)
     ranks = streams(tmp_path, world=32, workers=2, batch=32 * B20)
     assert ranks[0].loader_workers == 2
     n = S20 * PER20 // B20  # batches of one slot in a round
@@ -253,14 +285,19 @@ def test_batches_are_fresh_tensors_and_worker_batches_are_allocated_in_shared_me
 
     import torch.multiprocessing  # noqa: F401 (registers torch's reductions with ForkingPickler)
 
-    from distgan.data.stream import _new_batch
+    from distgan.data.stream import _new_tensor
 
-    # A loader worker's batch: pickling it for the rank (what the DataLoader's queue does) moves no data.
-    batch, view = _new_batch((2, 3, 4, 4), shared=True, pinned=False)
+    # A loader worker's batch, images and labels: pickling it for the rank (what the DataLoader's queue does)
+    # moves no data.
+    images, view = _new_tensor((2, 3, 4, 4), torch.uint8, shared=True, pinned=False)
+    labels, label_view = _new_tensor((2,), torch.int64, shared=True, pinned=False)
     view[:] = 7
-    ptr = batch.data_ptr()
+    label_view[:] = [5, 6]
+    batch = Batch(images, labels)
+    ptrs = images.data_ptr(), labels.data_ptr()
     ForkingPickler.dumps(batch)
-    assert batch.is_shared() and batch.data_ptr() == ptr and int(batch.sum()) == 7 * 96
+    assert images.is_shared() and labels.is_shared() and (images.data_ptr(), labels.data_ptr()) == ptrs
+    assert int(images.sum()) == 7 * 96 and labels.tolist() == [5, 6] and labels.dtype == torch.int64
     # Control: a tensor allocated the ordinary way is copied into shared memory on the way (its storage moves).
     plain = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
     ptr = plain.data_ptr()
@@ -268,25 +305,26 @@ def test_batches_are_fresh_tensors_and_worker_batches_are_allocated_in_shared_me
     assert plain.data_ptr() != ptr
 
     # Batches handed out are never overwritten by later ones (no reused buffer), with and without workers.
-    write_shards(tmp_path, 4, 8)
+    labelled(tmp_path, 4, 8)
     for workers in (0, 1):
         (s,) = streams(tmp_path, world=1, workers=workers, batch=4)
         held = []
         for _ in range(6):
             held.append((next(s), list(s.last_keys)))
-        for images, keys in held:
-            assert images[:, 0, 0, 0].tolist() == [int(k) % 256 for k in keys]
+        for batch, keys in held:
+            check(batch, keys, labels=True)
         s.close()
 
 
 def test_pin_memory_without_cuda_changes_nothing(tmp_path):
-    write_shards(tmp_path, 4, 8)
+    labelled(tmp_path, 4, 8)
     cfg = data_cfg(tmp_path, "data.workers=0", "data.shuffle_buffer=5")
     plain = ShardStream(cfg, 8, 3, 4, 0, 1, 0)
     pinned = ShardStream(cfg, 8, 3, 4, 0, 1, 0, pin_memory=True)
     assert pinned.pin_memory == torch.cuda.is_available()
     for _ in range(5):
-        assert torch.equal(next(plain), next(pinned))
+        a, b = next(plain), next(pinned)
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
 
 
 def test_manifest_resolution_mismatch_is_an_error(tmp_path):
@@ -300,7 +338,8 @@ def test_shards_without_manifest_by_brace_pattern_are_resized(tmp_path):
     ranks = streams(f"{tmp_path}/shard-{{000000..000003}}.tar", workers=1, batch=4)
     rows = consume(ranks, 4)
     assert sorted(keys_of(rows)) == [f"{i:08d}" for i in range(16)]
-    assert next(ranks[0]).shape == (2, 3, 8, 8)
+    assert next(ranks[0]).images.shape == (2, 3, 8, 8)
+    assert not ranks[0].labelled  # no manifest, no .cls members: labels None (consume() checked)
 
 
 def test_corrupt_samples_and_truncated_shards_are_skipped_and_counted(tmp_path):
@@ -322,6 +361,91 @@ def test_corrupt_samples_and_truncated_shards_are_skipped_and_counted(tmp_path):
     assert stats["Data/bad"] >= 2 + 3  # two corrupt samples, and the unread part of shard 3 (5 of 8 remain)
     assert any(b.startswith("shard-000003.tar (") for b in s.bad_shards)
     assert any("shard-000000.tar" in b for b in s.bad_shards)
+
+
+def test_bad_labels_are_bad_samples_counted_never_a_crash(tmp_path):
+    # A labelled manifest (7 classes): a sample whose .cls is missing, not a number, negative, out of range or huge
+    # is skipped and counted like an undecodable image, with its shard named.
+    # (The last is fine: whitespace around the digits.)
+    broken = {"00000002": None, "00000005": b"seven", "00000009": b"-1", "00000011": b"7", "00000020": b"1" * 100,
+              "00000026": b" 5\n"}  # fmt: skip
+
+    def corrupt(i, key):
+        return {f"{key}.cls": broken[key]} if key in broken else None
+
+    labelled(tmp_path, 4, 8, extra=corrupt)
+    for workers in (0, 1):
+        (s,) = streams(tmp_path, world=1, workers=workers, batch=4)
+        got = keys_of(consume([s], 13))  # 52 = 2 epochs of the 27 good samples, less 2 (consume checks labels)
+        bad = {k for k, v in broken.items() if v != b" 5\n"}
+        assert not bad & set(got) and "00000026" in got
+        stats = s.take_stats()
+        assert stats["Data/samples"] - stats["Data/bad"] == 52 and stats["Data/bad"] >= 5
+        assert any("ValueError in 00000005" in b for b in s.bad_shards)
+        s.close()
+
+
+def test_labels_follow_the_manifest_or_the_first_sample(tmp_path):
+    # A manifest without classes: unlabelled, its .cls members not even read (a broken one is no fault).
+    write_shards(tmp_path / "none", 2, 4, label=label_of, extra=lambda i, key: {f"{key}.cls": b"x"} if i else None)
+    (s,) = streams(tmp_path / "none", world=1, workers=0, batch=8)
+    assert not s.labelled and s.num_classes is None
+    consume([s], 2)
+    assert s.take_stats()["Data/bad"] == 0
+    # No manifest: the first sample has a .cls, so labelled, class count unknown (any non-negative index).
+    labelled(tmp_path / "raw", 2, 4, manifest=False)
+    raw = f"{tmp_path}/raw/shard-{{000000..000001}}.tar"
+    (s,) = streams(raw, world=1, workers=1, batch=8)
+    assert s.labelled and s.num_classes is None
+    assert s.describe().startswith("data: samples with labels in 2 shards")
+    consume([s], 3)
+    s.close()
+    # ... or given a class count (a conditional model's): labels at or above it are bad.
+    cfg = data_cfg(raw, "data.workers=0", "data.shuffle_buffer=5")
+    s = ShardStream(cfg, 8, 3, 4, 0, 1, 0, num_classes=5)
+    assert s.labelled and s.num_classes == 5 and s.describe().startswith("data: samples of 5 classes in 2 shards")
+    for _ in range(4):
+        batch = next(s)
+        assert batch.labels.tolist() == [label_of(int(k)) for k in s.last_keys] and max(batch.labels) < 5
+    assert s.take_stats()["Data/bad"] >= 2  # ids 5 and 6 (class 5, 6) were read in 16 samples of 8
+    # With a manifest, its classes decide; describe() says how many.
+    labelled(tmp_path / "m", 2, 4)
+    assert streams(tmp_path / "m", world=1, workers=0)[0].describe().startswith("data: 8 samples of 7 classes in 2")
+
+
+def test_shards_without_any_usable_sample_are_an_error_not_an_endless_read(tmp_path):
+    # Labelled (as a conditional model says) but without labels, or no image that decodes: every sample is bad.
+    # The slot reads a whole visit of every shard, then says so; it used to read on forever.
+    write_shards(tmp_path / "nolabels", 3, 4, manifest=False)
+    garbage = {"png": b"not a png"}
+    write_shards(tmp_path / "noimages", 3, 4, extra=lambda i, key: {f"{key}.{e}": v for e, v in garbage.items()})
+    cases = [
+        (f"{tmp_path}/nolabels/shard-{{000000..000002}}.tar", 7, "has no .cls member"),
+        (str(tmp_path / "noimages"), None, "shard-00000"),
+    ]
+    for spec, n_classes, why in cases:
+        cfg = data_cfg(spec, "data.workers=0", "data.shuffle_buffer=5")
+        s = ShardStream(cfg, 8, 3, 4, 0, 1, 0, num_classes=n_classes)
+        raised: list[str] = []
+
+        def first_batch(s=s, raised=raised):
+            try:
+                next(s)
+            except DataError as e:
+                raised.append(str(e))
+
+        t = threading.Thread(target=first_batch, daemon=True)  # a regression loops forever: fail, don't hang
+        t.start()
+        t.join(60)
+        assert not t.is_alive(), "the stream is still looking for a usable sample"
+        assert raised and raised[0].startswith("no usable sample in any of the 3 shards: 12 bad samples in a row")
+        assert why in raised[0]
+    # Through a loader worker: the same one line.
+    cfg = data_cfg(cases[0][0], "data.workers=1", "data.shuffle_buffer=5")
+    s = ShardStream(cfg, 8, 3, 4, 0, 1, 0, num_classes=7)
+    with pytest.raises(DataError, match=r"^no usable sample in any of the 3 shards: .*has no \.cls member"):
+        next(s)
+    s.close()
 
 
 def test_unreadable_everything_is_one_clear_error(tmp_path):
@@ -387,13 +511,18 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 def test_streams_over_http_from_a_manifest_and_from_urls(http_root):
+    from distgan.data.catalog import UNKNOWN, data_classes
+
     root, url = http_root
-    write_shards(root, 4, 4)
+    labelled(root, 4, 4)
     ranks = streams(f"{url}/manifest.json", workers=1, batch=4)
-    assert ranks[0].describe().startswith(f"data: 16 samples in 4 shards from {url}")
-    assert sorted(keys_of(consume(ranks, 4))) == [f"{i:08d}" for i in range(16)]
+    assert ranks[0].describe().startswith(f"data: 16 samples of 7 classes in 4 shards from {url}")
+    assert sorted(keys_of(consume(ranks, 4))) == [f"{i:08d}" for i in range(16)]  # (labels checked)
     brace = f"{url}/shard-{{000000..000003}}.tar"
     assert sorted(keys_of(consume(streams(brace, workers=0, batch=4), 4))) == [f"{i:08d}" for i in range(16)]
+    # The classes of remote data, before training: from the remote manifest; unknown for bare URLs.
+    assert data_classes(data_cfg(f"{url}/manifest.json")).names == tuple(f"class-{c}" for c in range(7))
+    assert data_classes(data_cfg(brace)) is UNKNOWN
     with pytest.raises(DataError, match="1 of 1 shards not found"):
         streams(f"{url}/nope.tar", world=1)
 
@@ -419,7 +548,7 @@ def test_xflip_flips_about_half_deterministically(tmp_path):
     flipped = []
     for _ in range(2):
         (s,) = streams(tmp_path, 1, 0, 32, 8, "data.xflip=true")
-        flipped.append((next(s)[:, 0, 0, 0] > 0).tolist())
+        flipped.append((next(s).images[:, 0, 0, 0] > 0).tolist())
     assert flipped[0] == flipped[1] and 8 <= sum(flipped[0]) <= 24
 
 
@@ -474,11 +603,13 @@ def test_prepared_shards_are_plain_webdataset(tmp_path):
     assert prepare.main(["shapes", "--out", str(tmp_path), "--num", "40", "--shard-samples", "16", "--size", "8"]) == 0
     ds = wds.WebDataset(f"{tmp_path}/shard-{{000000..000002}}.tar", shardshuffle=False).decode("rgb8")
     theirs = {s["__key__"]: s["png"] for s in ds}
+    their_labels = {s["__key__"]: s["cls"] for s in ds}
     (ours,) = streams(tmp_path, world=1, workers=0, batch=40, res=8)
-    images = next(ours)
+    batch = next(ours)
     assert sorted(theirs) == sorted(ours.last_keys) and len(theirs) == 40
-    for key, image in zip(ours.last_keys, images):
+    for key, image, label in zip(ours.last_keys, batch.images, batch.labels.tolist()):
         assert torch.equal(torch.tensor(theirs[key]).permute(2, 0, 1), image)
+        assert label == their_labels[key]  # WebDataset's own .cls decoder reads the same class
 
 
 EXIT_WITH_A_LIVE_WORKER = """
@@ -499,5 +630,5 @@ def test_a_process_exits_promptly_with_an_unclosed_stream(tmp_path):
 
     write_shards(tmp_path, 2, 8)
     code = EXIT_WITH_A_LIVE_WORKER.format(folder=tmp_path)
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=patience(60))
     assert p.returncode == 0 and "exiting" in p.stdout, p.stderr[-2000:]

@@ -84,4 +84,4 @@ def test_alerts_and_steps_through_a_rollback_to_divergence(tmp_path, monkeypatch
     ]
     # W&B's step (nimg + offset) grows through the rollback: the 64 images after the checkpoint are added.
     assert recorder.steps == [(32, 0), (64, 0), (96, 0), (96, 64)]
-    assert tr.nimg_discarded == 64 and tr.state_dict()["nimg_discarded"] == 64
+    assert tr.nimg_discarded == 64 and tr.state_dict()["progress"]["nimg_discarded"] == 64

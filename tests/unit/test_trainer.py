@@ -24,12 +24,14 @@ def test_step_updates_both_networks_and_counts_images():
 def test_g_phase_freezes_d_and_leaves_its_gradients_alone():
     tr = make_trainer()
     reals, latents, gen = tr.draw()
-    fakes = tr._phase_D_main(tr._to_float(reals[0]), latents[0], gen, with_reg=False, keep_graph=True)
+    phase = {p.name: p for p in tr.phases}
+    real, real_c = tr._reals(reals[0])
+    tr._run_phase(phase["D_main"], real, real_c, latents[0], None, gen, critic=0, last=True)  # keeps the fakes
     assert all(p.grad is None for p in tr.D_module.parameters())  # D's step cleared its gradients
     d_params = params(tr.D_module)
     seen = []
     hooks = [p.register_hook(lambda g: seen.append(g)) for p in tr.D_module.parameters()]
-    tr._phase_G_main(fakes, gen, with_reg=False)  # the fakes with their graph, as a step reuses them
+    tr._run_phase(phase["G_main"], None, None, latents[0], None, gen, critic=0, last=True)  # reuses the fakes
     for h in hooks:
         h.remove()
     assert seen == []  # no gradient flowed into any D parameter
@@ -40,8 +42,8 @@ def test_g_phase_freezes_d_and_leaves_its_gradients_alone():
 
 @pytest.mark.parametrize("norm", ["none", "batch"])
 def test_reused_fakes_equal_a_second_forward_with_the_same_latents(norm):
-    a = make_trainer(f"model.norm={norm}", "train.reuse_fake=true")
-    b = make_trainer(f"model.norm={norm}", "train.reuse_fake=false")
+    a = make_trainer(f"model.dcgan.norm={norm}", "train.reuse_fake=true")
+    b = make_trainer(f"model.dcgan.norm={norm}", "train.reuse_fake=false")
     reals, latents, gen = a.draw()
     a.train_step(reals, latents, gen)
     b.train_step(reals, torch.cat([latents, latents]), gen)  # G step regenerates from the same z

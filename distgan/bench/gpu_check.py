@@ -33,7 +33,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PENALTIES = ["loss.r1_gamma=1", "loss.pl_weight=2"]
 
 
@@ -49,8 +49,9 @@ class Sizes:
     reg_interval: int  # of R1 and path length (lazy above 1)
 
 
-GPU = Sizes("configs/smoke.yaml", ["model.resolution=64", "model.z_dim=100", "model.g_width=64", "model.d_width=64",
-            "data.num_images=4096", "train.sample_num=64"], steps=240, batch=64, speed_batches=(64, 256),
+GPU = Sizes("configs/smoke.yaml", ["model.resolution=64", "model.z_dim=100", "model.dcgan.g_width=64",
+                                   "model.dcgan.d_width=64", "data.num_images=4096", "train.sample_num=64"],
+            steps=240, batch=64, speed_batches=(64, 256),
             speed_steps=40, warmup=10, reg_interval=4)  # fmt: skip
 # (fp16's scaler starts at 2^16 and halves at each overflow: R1 every step, so some of 16 steps run finite)
 DRY = Sizes("configs/smoke.yaml", [], steps=16, batch=16, speed_batches=(8, 16), speed_steps=2, warmup=1,
@@ -238,7 +239,7 @@ class Check:
         return all(v == 0 for v in per_precision.values()), f"per step: {figure}", detail
 
     def speed(self):
-        from distgan.bench import timed
+        from distgan.bench.common import timed
 
         figures = []
         for precision in ("fp32", "bf16"):
@@ -255,7 +256,7 @@ class Check:
         from distgan.config import load_config
         from distgan.data import make_stream
         from distgan.data.prefetch import Prefetcher
-        from distgan.trainer import Trainer
+        from distgan.training import Trainer
 
         cfg = load_config(REPO / self.sizes.config, [*self.sizes.run, f"train.batch={batch}", *overrides])
         dist = distributed.setup(cfg.train.precision)

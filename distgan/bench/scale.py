@@ -52,10 +52,12 @@ import sys
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from distgan.bench.common import bench_images, bench_stream, child_world, timed
+
 DEFAULT_CONFIGS = ("configs/default.yaml", "configs/dcgan_mnist.yaml")
 SCALES = (8, 64, 512)
 SEGMENTS = 4  # timed segments per measured run, the best one kept
-TOLERANCE = 0.15  # |predicted / measured - 1| for the 2-rank check: the VM's own drift is +-15% (README)
+TOLERANCE = 0.15  # |predicted / measured - 1| for the 2-rank check: the VM's own drift is +-15% (docs/benchmarks.md)
 
 # DDP's bucketing with default arguments (torch.distributed._DEFAULT_FIRST_BUCKET_BYTES, bucket_cap_mb=25).
 FIRST_BUCKET_BYTES = 1 << 20
@@ -292,17 +294,6 @@ def strong_scaling(prof, batch: int, arith_s: float, launch_s: float, f: Fabric,
 # ====================================================================== measurements (child processes)
 
 
-def bench_images(cfg, num: int = 2048):
-    """In-memory shapes at the model's resolution and channel count: the step time does not depend on what the
-    images show, and no config then needs its dataset (MNIST) downloaded to be measured."""
-    from distgan.data import shapes
-
-    images, _ = shapes.generate(num, seed=0, resolution=cfg.model.resolution)  # uint8 [N, 3, res, res]
-    if cfg.model.channels == 1:
-        images = images.mean(axis=1, keepdims=True).astype(images.dtype)
-    return images
-
-
 def _profile_child(rank, world, cfg, images) -> dict:
     """Gradient sizes, FLOPs and aten ops of one step of `cfg`, in a fresh single process."""
     import torch
@@ -310,9 +301,8 @@ def _profile_child(rank, world, cfg, images) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from distgan import distributed
-    from distgan.bench import timed
     from distgan.models import build_discriminator, build_generator
-    from distgan.trainer import Trainer
+    from distgan.training import Trainer
 
     class OpCounter(TorchDispatchMode):
         """Counts aten ops: on a GPU each is (at least) one kernel the host has to launch."""
@@ -364,16 +354,12 @@ def _profile_child(rank, world, cfg, images) -> dict:
 
 def _segments_child(rank, world, cfg, per_rank, steps, segments, warmup, together: bool, images) -> list[float]:
     """img/s of each of `segments` timed segments: this rank's group (together) or this process alone, with
-    `per_rank` images per process. distgan.bench._scaling_child times one segment; several let the caller keep
-    the one the other jobs of a shared machine disturbed least."""
+    `per_rank` images per process. distgan.bench.train._scaling_child times one segment; several let the caller
+    keep the one the other jobs of a shared machine disturbed least."""
     from distgan import distributed
-    from distgan.bench import timed
-    from distgan.trainer import Trainer
+    from distgan.training import Trainer
 
-    if not together:  # a world of one: the same work, no communication
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-            os.environ.pop(key, None)
-        rank, world = 0, 1
+    rank, world = child_world(rank, world, together)  # apart: a world of one, the same work, no communication
     cfg.train.batch = per_rank * world
     dist = distributed.setup(cfg.train.precision, threads=1)
     trainer = Trainer(cfg, dist, _stream(images, cfg, rank, world, dist.device))
@@ -390,11 +376,9 @@ def _segments_child(rank, world, cfg, per_rank, steps, segments, warmup, togethe
 
 def _stream(images, cfg, rank: int, world: int, device):
     """The batches as training gets them: on CUDA pinned, and copied to the device a step ahead (train.py)."""
-    from distgan.data import ArrayStream
     from distgan.data.prefetch import Prefetcher
 
-    pin = device.type == "cuda"
-    return Prefetcher(ArrayStream(images, cfg.train.batch, rank, world, cfg.train.seed, pin_memory=pin), device)
+    return Prefetcher(bench_stream(cfg, rank, world, pin_memory=device.type == "cuda"), device)
 
 
 def _allreduce_child(rank, world, sizes: list[int], reps: int, rounds: int) -> list[float]:
@@ -403,7 +387,6 @@ def _allreduce_child(rank, world, sizes: list[int], reps: int, rounds: int) -> l
     import torch
 
     from distgan import distributed
-    from distgan.bench import timed
 
     dist = distributed.setup("fp32", threads=1)
     # On the default group's device, where DDP's buckets are (the GPU under NCCL): a host tensor would time a copy
@@ -642,7 +625,7 @@ def predict(rows, args) -> None:
                 f"{r.per_gpu}/GPU {r.step_s * 1e3:.2f}ms {r.speedup:.2f}x {r.efficiency:.1%}")  # fmt: skip
             cells.append(f"{cell:>26}")
         print(f"  {path:<28}{prof['batch']:>5}" + "".join(cells))
-    print("  (with model.norm=batch the trainer warns below 16 images per GPU: BatchNorm's statistics get noisy)")
+    print("  (with model.dcgan.norm=batch the trainer warns below 16 images per GPU: BatchNorm's statistics get noisy)")
 
     # Gradient accumulation: k micro-batches of B per step, reduced with the last one.
     print(f"\n  gradient accumulation at {big} GPUs: train.batch_per_gpu = B, train.batch = B x k x {big}: k "

@@ -1,13 +1,11 @@
-"""Benchmarks: each figure is printed next to a reference measured in the same run, on the same machine.
+"""`distgan bench train`: distgan's training step against a plain PyTorch loop, and 2 ranks against 1.
 
     distgan bench train --config configs/default.yaml [--steps 40] [--repeats 3] [--no-scaling]
-    distgan bench data [--shards DIR] [--workers 2]        (distgan/bench_data.py)
-    distgan bench scale [--config CFG] [--model-only]       (distgan/bench_scale.py)
 
 Part 1, framework cost: distgan's training step (Trainer.train_step with its data draw, phases, EMA and stats)
 against a plain eager PyTorch loop of the same networks, batch and optimizer hyper-parameters, written the way
 pytorch/examples/dcgan writes it. The two alternate in rounds (framework, plain, framework, plain, ...) and each
-reports its median. Both train on the same in-memory images (bench_scale.bench_images: a step does not depend
+reports its median. Both train on the same in-memory images (common.bench_images: a step does not depend
 on what the images show, so measuring needs neither the default config's shards nor MNIST). "Step memory" is
 the peak during a segment above the memory in use when it started (activations and temporaries; the weights of
 both live in the process throughout). Target: ratio >= 1.0.
@@ -24,22 +22,17 @@ target exit with code 1.
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import sys
-import time
 
-from distgan import bench_data, bench_scale
+from distgan.bench.common import bench_stream, child_world, current_memory_mb, make_steppers, peak_memory_mb, timed
 from distgan.local_launch import run_local
 
 TARGET_RATIO = 1.0
 TARGET_SPEEDUP = 1.8
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="distgan bench", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="what", required=True)
+def add_parser(sub) -> None:
     t = sub.add_parser("train", help="training-step throughput and memory vs a plain PyTorch loop; 2-rank scaling")
     t.add_argument("--config", default="configs/default.yaml")
     t.add_argument("--steps", type=int, default=30, help="timed steps per segment")
@@ -49,19 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--no-scaling", action="store_true", help="skip part 2")
     t.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    bench_data.add_parser(sub)
-    bench_scale.add_parser(sub)
-    args = p.parse_args(argv)
-    if args.what == "data":
-        return bench_data.run(args)
-    if args.what == "scale":
-        return bench_scale.run(args)
 
+
+def run(args) -> int:
     from distgan.config import load_config
     from distgan.errors import UserError
+    from distgan.train import resolve_classes
 
     try:
         cfg = load_config(args.config, args.overrides).validate()
+        resolve_classes(cfg)
     except UserError as e:
         print(f"distgan: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -111,22 +101,6 @@ def bench_framework(cfg, steps: int, warmup: int, repeats: int, threads: int) ->
     return met
 
 
-def make_steppers(cfg, dist, names=("distgan", "plain")) -> dict:
-    """{"distgan": one Trainer step, "plain": one textbook step}, on the same data and device."""
-    from distgan.data import ArrayStream
-    from distgan.trainer import Trainer
-
-    images = bench_scale.bench_images(cfg)
-    out = {}
-    for name in names:
-        if name == "distgan":
-            trainer = Trainer(cfg, dist, ArrayStream(images, cfg.train.batch, 0, 1, cfg.train.seed))
-            out[name] = lambda trainer=trainer: trainer.train_step(*trainer.draw())
-        else:
-            out[name] = plain_loop(cfg, images, dist.device)
-    return out
-
-
 def _memory_child(rank, world, cfg, name: str, threads: int, steps: int) -> tuple[float, float]:
     """(peak, growth) in MB of a fresh process that builds one variant and trains it `steps` steps."""
     from distgan import distributed
@@ -138,77 +112,6 @@ def _memory_child(rank, world, cfg, name: str, threads: int, steps: int) -> tupl
         fn()
     peak = peak_memory_mb(dist.device)
     return peak, peak - base
-
-
-def plain_loop(cfg, images, device):
-    """The textbook eager DCGAN step (pytorch/examples/dcgan), on the same networks and data: the reference."""
-    import torch
-    import torch.nn.functional as F
-
-    from distgan.models import build_discriminator, build_generator
-
-    torch.manual_seed(0)
-    G, D = build_generator(cfg.model).to(device), build_discriminator(cfg.model).to(device)
-    o = cfg.optim
-    opt_g = torch.optim.Adam(G.parameters(), o.lr_g, betas=(o.beta1, o.beta2))
-    opt_d = torch.optim.Adam(D.parameters(), o.lr_d, betas=(o.beta1, o.beta2))
-    data = torch.from_numpy(images)
-    b, z_dim = cfg.train.batch, cfg.model.z_dim
-    ones, zeros = torch.ones(b, device=device), torch.zeros(b, device=device)
-
-    def step():
-        real = data[torch.randint(len(data), [b])].to(device).float() / 127.5 - 1
-        # D: real and fake batches, one backward each (as pytorch/examples does).
-        opt_d.zero_grad()
-        F.binary_cross_entropy_with_logits(D(real), ones).backward()
-        fake = G(torch.randn(b, z_dim, device=device))
-        F.binary_cross_entropy_with_logits(D(fake.detach()), zeros).backward()
-        opt_d.step()
-        # G: fool D on the same fakes.
-        opt_g.zero_grad()
-        F.binary_cross_entropy_with_logits(D(fake), ones).backward()
-        opt_g.step()
-
-    return step
-
-
-def timed(fn, steps: int, device) -> float:
-    """Seconds per step."""
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / steps
-
-
-def current_memory_mb(device) -> float:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device) / 2**20
-    return _proc_status_mb("VmRSS")
-
-
-def peak_memory_mb(device) -> float:
-    """Peak since the process started: CUDA allocator's allocated bytes, or the CPU resident set (VmHWM)."""
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return _proc_status_mb("VmHWM")
-
-
-def _proc_status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 # ---------------------------------------------------------------------- part 2
@@ -243,18 +146,12 @@ def bench_scaling(cfg, steps: int, warmup: int, repeats: int) -> bool:
 def _scaling_child(rank, world, cfg, per_rank, steps, warmup, together: bool) -> float:
     """img/s of this process's group (together) or of this process alone, with `per_rank` images per process."""
     from distgan import distributed
-    from distgan.data import ArrayStream
-    from distgan.trainer import Trainer
+    from distgan.training import Trainer
 
-    if not together:  # a world of one: the same work, no communication
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-            del os.environ[key]
-        rank, world = 0, 1
+    rank, world = child_world(rank, world, together)
     cfg.train.batch = per_rank * world
     dist = distributed.setup(cfg.train.precision, threads=1)
-    trainer = Trainer(
-        cfg, dist, ArrayStream(bench_scale.bench_images(cfg), cfg.train.batch, rank, world, cfg.train.seed)
-    )
+    trainer = Trainer(cfg, dist, bench_stream(cfg, rank, world))
     for _ in range(warmup):
         trainer.train_step(*trainer.draw())
     dist.barrier()

@@ -141,7 +141,7 @@ def measure(it, seconds: float) -> float:
 
 def training_rate(config: str) -> float:
     from distgan import distributed
-    from distgan.bench import make_steppers, timed
+    from distgan.bench.common import make_steppers, timed
     from distgan.config import load_config
 
     cfg = load_config(config, ["data.source=shapes", "data.num_images=2000"]).validate()
