@@ -254,19 +254,26 @@ def test_all_shards_unreadable_is_an_error_with_fewer_shards_than_slots(tmp_path
     for p in paths:
         p.write_bytes(b"\0garbage" * 100)
     ranks = streams(f"{tmp_path}/shard-{{000000..000002}}.tar", world=4, workers=0, batch=8)
-    raised = []
+    assert "no readable samples in any of the 3 shards" in first_error(ranks[3])
+
+
+def first_error(stream) -> str:
+    """The DataError of the stream's first batch, waited for in a thread: a regression that loops forever fails
+    the test instead of hanging the suite."""
+    raised: list[str] = []
 
     def first_batch():
         try:
-            next(ranks[3])
+            next(stream)
         except DataError as e:
             raised.append(str(e))
 
-    t = threading.Thread(target=first_batch, daemon=True)  # a regression loops forever: fail, don't hang
+    t = threading.Thread(target=first_batch, daemon=True)
     t.start()
-    t.join(60)
-    assert not t.is_alive(), "the stream is still looking for a readable shard"
-    assert raised and "no readable samples in any of the 3 shards" in raised[0]
+    t.join(patience(60))
+    assert not t.is_alive(), "the stream is still looking for a usable sample"
+    assert raised, "no DataError"
+    return raised[0]
 
 
 def test_one_readable_shard_of_many_unreadable_still_trains(tmp_path):
@@ -426,20 +433,9 @@ def test_shards_without_any_usable_sample_are_an_error_not_an_endless_read(tmp_p
     for spec, n_classes, why in cases:
         cfg = data_cfg(spec, "data.workers=0", "data.shuffle_buffer=5")
         s = ShardStream(cfg, 8, 3, 4, 0, 1, 0, num_classes=n_classes)
-        raised: list[str] = []
-
-        def first_batch(s=s, raised=raised):
-            try:
-                next(s)
-            except DataError as e:
-                raised.append(str(e))
-
-        t = threading.Thread(target=first_batch, daemon=True)  # a regression loops forever: fail, don't hang
-        t.start()
-        t.join(60)
-        assert not t.is_alive(), "the stream is still looking for a usable sample"
-        assert raised and raised[0].startswith("no usable sample in any of the 3 shards: 12 bad samples in a row")
-        assert why in raised[0]
+        error = first_error(s)
+        assert error.startswith("no usable sample in any of the 3 shards: 12 bad samples in a row")
+        assert why in error
     # Through a loader worker: the same one line.
     cfg = data_cfg(cases[0][0], "data.workers=1", "data.shuffle_buffer=5")
     s = ShardStream(cfg, 8, 3, 4, 0, 1, 0, num_classes=7)
