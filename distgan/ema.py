@@ -26,9 +26,11 @@ class EMA:
 
     def __init__(self, source: nn.Module):
         self.module = copy.deepcopy(source).eval().requires_grad_(False)
-        # Parameter and buffer lists are fixed for the life of both modules: gather them once, not every step.
+        self.source = source
+        # Parameters keep their objects for the life of a module (`.to()` updates them in place): gathered once.
+        # Buffers do not: `.to()` to another device object (even cpu -> cpu:0) replaces them, so they are looked up
+        # at every copy (a list of BatchNorm statistics; once held here, G_ema kept copying a stale one).
         self._pairs_p = (list(self.module.parameters()), list(source.parameters()))
-        self._pairs_b = (list(self.module.buffers()), list(source.buffers()))
 
     @torch.no_grad()
     def update(self, beta: float) -> None:
@@ -39,7 +41,7 @@ class EMA:
 
     @torch.no_grad()
     def copy_buffers(self) -> None:
-        for b_ema, b in zip(*self._pairs_b):
+        for b_ema, b in zip(self.module.buffers(), self.source.buffers()):
             b_ema.copy_(b)
 
     def state_dict(self) -> dict:

@@ -21,13 +21,14 @@ import time
 import traceback
 
 
-def run_local(world: int, fn, *args, timeout: float = 900) -> list:
+def run_local(world: int, fn, *args, timeout: float = 900, env: dict[str, str] | None = None) -> list:
+    """[fn(0, world, *args), ...] on `world` fresh processes (see the module doc); `env`: more variables for them."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_child, args=(fn, r, world, port, args, queue)) for r in range(world)]
+    procs = [ctx.Process(target=_child, args=(fn, r, world, port, args, queue, env or {})) for r in range(world)]
     for p in procs:
         p.start()
     results: dict[int, object] = {}
@@ -58,7 +59,7 @@ def run_local(world: int, fn, *args, timeout: float = 900) -> list:
     return [results[r] for r in range(world)]
 
 
-def _child(fn, rank, world, port, args, queue):
+def _child(fn, rank, world, port, args, queue, env):
     for key in [k for k in os.environ if k.startswith("ACCELERATE_")]:
         del os.environ[key]  # a launcher's leftovers from the caller's environment must not leak in
     os.environ.update(
@@ -70,6 +71,7 @@ def _child(fn, rank, world, port, args, queue):
         LOCAL_WORLD_SIZE=str(world),
         OMP_NUM_THREADS="1",
     )
+    os.environ.update(env)
     try:
         # Plain pickle bytes: tensors travel by value, not as shared-memory handles that die with this process.
         queue.put((rank, True, pickle.dumps(fn(rank, world, *args))))

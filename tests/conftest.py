@@ -99,8 +99,10 @@ def repo() -> Path:
 
 
 def cli_env(**extra: str) -> dict[str, str]:
-    """Environment for a CLI subprocess: no W&B network, no user accelerate config, unbuffered output."""
+    """Environment for a CLI subprocess: no W&B network, no user accelerate config, unbuffered output, no GPU."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ACCELERATE_"))}
     env.update(WANDB_MODE="offline", PYTHONUNBUFFERED="1", HF_HOME=str(REPO / ".pytest_cache" / "hf"))
+    # The CLI tests launch CPU ranks (gloo): on a machine with a GPU too (NCCL refuses two ranks on one GPU).
+    env["CUDA_VISIBLE_DEVICES"] = ""
     env.update(extra)
     return env

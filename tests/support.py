@@ -100,7 +100,8 @@ def run_ranks(fn, world: int, *args, timeout: float = 180):
     # (timeout: what the call takes at most on a quiet machine; scaled by conftest.patience for a busy one)
     """[fn(0, world, *args), ..., fn(world-1, world, *args)], each in its own fresh process of one gloo group."""
     try:
-        return run_local(world, fn, *args, timeout=patience(timeout))
+        # CPU ranks on gloo, also on a machine with one GPU (NCCL refuses two ranks on one GPU).
+        return run_local(world, fn, *args, timeout=patience(timeout), env={"CUDA_VISIBLE_DEVICES": ""})
     except RuntimeError as e:
         raise AssertionError(str(e)) from None
 

@@ -164,7 +164,7 @@ class Check:
             return self.failed(resumed, "the resume")
         a, b = CheckpointManager(self.out / "straight").latest(), CheckpointManager(run_dir).latest()
         sa, sb = load_file(a, "state.pt"), load_file(b, "state.pt")
-        differ = [k for k in ("G", "D", "G_ema", "opt_G", "opt_D") if not _equal(sa[k], sb[k])]
+        differ = [k for k in ("G", "D", "G_ema") if not _equal(sa[k], sb[k])]  # (G, D: module, optimizer, scaler)
         rng = load_file(b, "rank-00000.pt")["rng"]
         if differ:
             return False, f"resumed run differs from the uninterrupted one in {differ}", []

@@ -66,6 +66,10 @@ class Dist:
     precision: Precision | None = None
 
     def __post_init__(self):
+        if self.device.type == "cpu":
+            # Accelerate says cpu:0 under a multi-process CPU launch; tensors say cpu. One name for one device, or
+            # every `.to(device)` copies (and replaces a module's buffers).
+            self.device = torch.device("cpu")
         if self.group_device is None:
             self.group_device = self.device if self.device.type == "cuda" else torch.device("cpu")
         if self.precision is None:

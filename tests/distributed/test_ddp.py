@@ -68,6 +68,14 @@ def _several_steps(rank, world, overrides, steps, sync):
     out["buffers_before_sync"] = buffers()
     tr.sync_buffers()  # what every snapshot does
     out["buffers"] = buffers()
+    # G_ema samples with G's BatchNorm statistics: the same tensors' values, after every step and every sync.
+    # (Under a multi-process CPU launch Accelerate names the device cpu:0, and a second `.to()` replaced G's
+    # buffers: G_ema kept copying stale ones, and sampled with the initial statistics.)
+    out["ema_buffers_match"] = all(torch.equal(a, b) for a, b in zip(tr.G_ema.module.buffers(), tr.G_module.buffers()))
+    out["ema_buffers_moved"] = any(
+        not torch.equal(b, fresh)
+        for b, fresh in zip(tr.G_ema.module.buffers(), make_trainer(*overrides).G_module.buffers())
+    )
     return out
 
 
@@ -91,6 +99,7 @@ def test_parameters_identical_across_ranks_and_diverge_without_sync(overrides):
     synced = run_ranks(_several_steps, 2, overrides, 4, True)
     for net in ("G", "D", "G_ema"):
         assert torch.equal(synced[0][net], synced[1][net]), net
+    assert all(r["ema_buffers_match"] and r["ema_buffers_moved"] for r in synced)
     # BatchNorm running stats follow each rank's own batches until a snapshot averages them.
     assert not torch.equal(synced[0]["buffers_before_sync"], synced[1]["buffers_before_sync"])
     assert torch.equal(synced[0]["buffers"], synced[1]["buffers"])

@@ -138,3 +138,35 @@ def test_nothing_outside_distributed_calls_torch_distributed():
             if hit:
                 offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert offenders == []
+
+
+def _turns(rank, world, log, how):
+    import dataclasses
+    import time
+
+    from distgan import distributed
+
+    dist = distributed.setup("fp32", threads=1)
+    dist = dataclasses.replace(dist, local_rank=rank % 2)  # two "nodes" of two processes: ranks {0, 1}, {2, 3}
+    with getattr(dist, how)():
+        with open(log, "a") as f:
+            f.write(f"{rank} start\n")
+        time.sleep(0.3)  # (a download)
+        with open(log, "a") as f:
+            f.write(f"{rank} end\n")
+    dist.close()
+
+
+def test_downloads_happen_once_per_job_then_once_per_other_node(tmp_path):
+    """download_first: rank 0 alone (a shared file system gets one download), then the first process of every other
+    node (a node-local folder gets its own), then the rest. Control: local_main_first lets the first processes of
+    both nodes download into what may be one shared folder at the same time."""
+    log = tmp_path / "order.txt"
+    run_ranks(_turns, 4, str(log), "download_first")
+    events = log.read_text().split("\n")[:-1]
+    assert events[:4] == ["0 start", "0 end", "2 start", "2 end"], events
+    assert sorted(events[4:]) == ["1 end", "1 start", "3 end", "3 start"]
+    log.unlink()
+    run_ranks(_turns, 4, str(log), "local_main_first")
+    events = log.read_text().split("\n")[:-1]
+    assert sorted(events[:2]) == ["0 start", "2 start"], events  # both nodes' first processes at once

@@ -106,7 +106,7 @@ def run_job(cluster, cwd: Path, sbatch_args: list[str], script_args: list[str], 
 
 def weights(ckpt: Path) -> dict[str, dict]:
     state = load_file(ckpt, "state.pt")
-    return {net: state[net] for net in ("G", "D", "G_ema")}
+    return {"G": state["G"]["module"], "D": state["D"]["module"], "G_ema": state["G_ema"]}
 
 
 RUNNING_STATS = ("running_mean", "running_var")
