@@ -13,6 +13,7 @@ checkpoint to resume from; load the data; train; print where everything is.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import sys
 import time
 from pathlib import Path
@@ -80,6 +81,9 @@ def build_parser(prog: str = "distgan train") -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A native crash (a segfault or abort in a library's C++ code) prints every thread's Python stack, so the
+    # report names where each thread was rather than only "exit -6".
+    faulthandler.enable()
     args = build_parser().parse_intermixed_args(argv)  # options may also follow the overrides
     if args.help_config:
         print(help_text())

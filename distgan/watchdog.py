@@ -133,6 +133,8 @@ class Watchdog:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+            if not self._thread.is_alive():  # (a thread still in a store call keeps its store until it returns)
+                self._store = None
 
     def _run(self) -> None:
         rank, world = self.dist.rank, self.dist.world_size
