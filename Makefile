@@ -46,7 +46,7 @@ test: install
 FAST    := tests/unit tests/distributed/test_ddp.py::test_two_ranks_batch_b_equal_one_rank_batch_2b
 
 test-fast: install
-	$(PY) -m pytest -q $(FAST)
+	$(PY) -m pytest -q -m "not slow" $(FAST)
 
 lint: install
 	$(VENV)/bin/ruff check distgan tests

@@ -26,6 +26,8 @@ import yaml
 from distgan.data.catalog import DATASET_CHANNELS
 from distgan.errors import ConfigError
 from distgan.models import FAMILIES
+from distgan.schedule import ScheduleConfig
+from distgan.schedule import problems as schedule_problems
 
 
 def _f(default: Any, doc: str):
@@ -60,8 +62,11 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    kind: Literal["nonsaturating", "hinge", "wgan", "lsgan"] = _f("nonsaturating", "adversarial loss")
+    kind: Literal["nonsaturating", "hinge", "wgan", "lsgan", "rpgan"] = _f(
+        "nonsaturating", "adversarial loss (rpgan: relativistic pairing, R3GAN's; each fake paired with a real)"
+    )
     r1_gamma: float = _f(0.0, "R1 penalty weight on real images (0 = off)")
+    r2_gamma: float = _f(0.0, "R2 penalty weight on generated images (0 = off; R3GAN: the same as r1_gamma)")
     gp_weight: float = _f(0.0, "WGAN-GP gradient penalty weight on interpolates (0 = off; 10 for WGAN-GP)")
     d_reg_interval: int = _f(16, "run D's penalties every N steps (lazy; lr/betas rescaled); 1 = in the main step")
     pl_weight: float = _f(0.0, "G path-length penalty weight (0 = off)")
@@ -187,6 +192,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     # ------------------------------------------------------------------ validation
     def problems(self, world_size: int = 1) -> list[str]:
@@ -227,7 +233,7 @@ class Config:
         need(d.shuffle_buffer >= 1, f"data.shuffle_buffer={d.shuffle_buffer} must be >= 1")
         need(0 <= d.max_bad_fraction <= 1, f"data.max_bad_fraction={d.max_bad_fraction} must be in [0, 1]")
         need(m.z_dim >= 1, f"model.z_dim={m.z_dim} must be >= 1")
-        for key in ("r1_gamma", "gp_weight", "pl_weight"):
+        for key in ("r1_gamma", "r2_gamma", "gp_weight", "pl_weight"):
             need(getattr(lo, key) >= 0, f"loss.{key}={getattr(lo, key)} must be >= 0")
         for key in ("d_reg_interval", "g_reg_interval", "n_critic"):
             need(getattr(lo, key) >= 1, f"loss.{key}={getattr(lo, key)} must be >= 1")
@@ -261,6 +267,7 @@ class Config:
         need(t.sample_num >= 1, f"train.sample_num={t.sample_num} must be >= 1")
         need(t.threads >= 0, f"train.threads={t.threads} must be >= 0")
         out += _eval_problems(self.eval)
+        out += schedule_problems(self)
         return out
 
     def validate(self, world_size: int = 1) -> Config:
@@ -353,12 +360,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"{path} must hold a mapping of config sections, not a {type(loaded).__name__}")
         values = flatten(loaded or {})
         name = path.stem
+    given: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
-        values[key.strip()] = _parse_scalar(raw)
-    return from_flat(values, default_name=name)
+        given[key.strip()] = _parse_scalar(raw)
+    # Switching the family on the command line (`--config configs/default.yaml model.family=r3gan`) leaves the
+    # file's section of its own family behind: those keys describe a network that is not built, so they go. A key
+    # of another family's section written on the command line itself is still an error (from_flat).
+    family = given.get("model.family")
+    if family is not None and family != values.get("model.family", ModelConfig.family):
+        values = {k: v for k, v in values.items() if not other_family_key(k, family)}
+    return from_flat({**values, **given}, default_name=name)
+
+
+def other_family_key(key: str, family: str) -> bool:
+    parts = key.split(".")
+    return len(parts) >= 3 and parts[0] == "model" and parts[1] in FAMILIES and parts[1] != family
 
 
 def from_dict(tree: dict[str, Any]) -> Config:
@@ -401,8 +420,7 @@ def from_flat(values: dict[str, Any], default_name: str = "") -> Config:
     family = values.get("model.family", cfg.model.family)
     if isinstance(family, str) and family in FAMILIES:
         cfg.model.family, cfg.model.options = family, FAMILIES[family].options()
-        other = [k for k in values if k.split(".")[:2][-1] in FAMILIES and k.startswith("model.")
-                 and k.count(".") >= 2 and k.split(".")[1] != family]  # fmt: skip
+        other = [k for k in values if other_family_key(k, family)]
         for key in other:
             errors.append(f"{key} is an option of model family {key.split('.')[1]}, but model.family={family}")
     for key, raw in values.items():

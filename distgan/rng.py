@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 # Purposes, so that two draws at the same position never share a stream.
-STEP, SAMPLES, INIT = 0, 1, 2
+STEP, SAMPLES, INIT, FORWARD = 0, 1, 2, 3
 
 
 def derive_seed(*parts: int) -> int:

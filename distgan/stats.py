@@ -42,6 +42,10 @@ class Collector:
         values = self._pending.get(name)
         return values[-1] if values else None
 
+    def names(self) -> list[str]:
+        """What has been reported since the last reduce."""
+        return sorted(self._pending)
+
     def reduce(self, dist) -> dict[str, float]:
         """Means (or sums) over all ranks of everything reported since the last call (a collective: every rank)."""
         # Ranks may in principle have reported different names (a phase that ran on one only): agree first.

@@ -23,8 +23,17 @@ if __name__ == "__main__" and not __package__:
     # Put the repository root there instead, so `import distgan` finds this checkout's package.
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from distgan import launcher  # noqa: E402
-from distgan.config import describe_batch, field_index, flatten, help_text, load_config, to_yaml, upgrade  # noqa: E402
+from distgan import launcher, schedule  # noqa: E402
+from distgan.config import (  # noqa: E402
+    describe_batch,
+    field_index,
+    flatten,
+    help_text,
+    load_config,
+    other_family_key,
+    to_yaml,
+    upgrade,
+)
 from distgan.errors import CheckpointError, DataError, Stop, UserError  # noqa: E402
 
 # Config keys a resumed run may change; any other difference from the checkpoint's config is refused unless
@@ -148,6 +157,8 @@ def _run(cfg, dist, run_dir_arg, resume, allow_config_change) -> dict:
     console.print(f"distgan {__version__}: {dist.describe()}")
     for line in describe_batch(cfg, dist.world_size):
         console.print(line)
+    if (ramps := schedule.describe(cfg)) is not None:
+        console.print(ramps)
     console.print(f"run dir: {run_dir}")
 
     # Find the checkpoint to resume from (rank 0 verifies, everyone loads it), check it belongs to this config.
@@ -301,6 +312,10 @@ def check_resumable(saved: dict, cfg, allow_change: bool) -> None:
     # Keys newer than the checkpoint take their defaults; every checkpoint from before strategies existed is DDP.
     defaults = {key: info.default for key, info in field_index().items()}
     old = {**defaults, "dist.strategy": "ddp", **old}
+    # Only the family that runs has a section (the defaults list every registered family's): a change of family
+    # is the model.family line.
+    family = cfg.model.family
+    old = {k: v for k, v in old.items() if not other_family_key(k, family)}
     diffs = [
         f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
         for k in sorted(set(old) | set(new))

@@ -402,6 +402,11 @@ class ShardStream:
             # and it warns that the argument is deprecated when given).
             pin_memory=self.pin_memory,
             worker_init_fn=_die_with_rank,
+            # Its workers' base seed from a generator of its own: a DataLoader iterator otherwise draws it from
+            # torch's global generator, which the networks' forwards use (StyleGAN2's noise); a resumed run starts
+            # its iterator at another point of that sequence than the uninterrupted one, and trained otherwise.
+            # (The samples do not depend on the workers' seeds: the shard order is a function of the position.)
+            generator=torch.Generator().manual_seed(0),
         )
         self._it = iter(loader)
         _workers[:] = [w for w in _workers if w.is_alive()] + list(getattr(self._it, "_workers", []))

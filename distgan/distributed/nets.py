@@ -90,12 +90,13 @@ class Net:
             )
         return self._train_forward(x, c)
 
-    def penalty(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+    def penalty(self, x: torch.Tensor, c: torch.Tensor | None = None, **kwargs):
+        """A forward whose input's gradient is taken (create_graph); `kwargs` go to the module (return_ws)."""
         if not x.requires_grad:
             raise PhaseError(f"{self.name}.penalty() needs an input that requires its gradient")
         if not self.params[0].requires_grad:
             raise PhaseError(f"{self.name} is frozen; its penalty belongs to its own phase")
-        return self._penalty_forward(x, c)
+        return self._penalty_forward(x, c, **kwargs)
 
     def frozen(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         if any(p.requires_grad for p in self.params):
@@ -113,7 +114,7 @@ class Net:
     def _train_forward(self, x, c):
         raise NotImplementedError
 
-    def _penalty_forward(self, x, c):
+    def _penalty_forward(self, x, c, **kwargs):
         raise NotImplementedError
 
     def _accumulating(self):
@@ -171,9 +172,9 @@ class TorchNet(Net):
     def _train_forward(self, x, c):
         return self.wrapped(x, c)
 
-    def _penalty_forward(self, x, c):
+    def _penalty_forward(self, x, c, **kwargs):
         # Through DDP as well: only a forward through the wrapper arms its reducer for the coming backward.
-        return self.wrapped(x, c)
+        return self.wrapped(x, c, **kwargs)
 
     def _accumulating(self):
         # DDP decides at the forward whether the coming backward reduces: the forwards of the micro-batch must run

@@ -82,7 +82,9 @@ DEVICE_KEYS: frozenset[str] = frozenset()
 
 def ds_config(stage: int, precision: str, micro_batch: int, numel: int, accum: int = 1, device_type: str = "cpu"):
     """The DeepSpeed config of one engine (`numel`: its parameter count) on a device of `device_type`."""
-    bucket = max(1, min(numel, BUCKET_ELEMENTS))
+    # DeepSpeed wants the all-gather bucket a multiple of its alignment (2 elements for 16-bit, 4 for 8-bit):
+    # rounded up to 8, one bucket still holds a whole network of an odd parameter count (BigGAN's).
+    bucket = -(-max(1, min(numel, BUCKET_ELEMENTS)) // 8) * 8
     config = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": accum,
@@ -161,10 +163,10 @@ class ZeroNet(Net):
     def _train_forward(self, x, c):
         return self.engine(x, c)
 
-    def _penalty_forward(self, x, c):
+    def _penalty_forward(self, x, c, **kwargs):
         # Rule 2: a forward whose input gradient is taken (create_graph) goes through the plain module; the
         # engine's backward still reduces the gradients, through the hooks ZeRO put on the parameters.
-        return self.module(x, c)
+        return self.module(x, c, **kwargs)
 
     def backward(self, loss):
         # DeepSpeed divides the loss by its gradient_accumulation_steps itself, and counts micro-steps: every

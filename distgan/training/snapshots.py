@@ -48,9 +48,17 @@ class Snapshots:
 
     @torch.no_grad()
     def sample(self, z: torch.Tensor, c: torch.Tensor | None = None, chunk: int = 256) -> torch.Tensor:
-        """Images from the EMA generator: [N, C, H, W] in [-1, 1]."""
+        """Images from the EMA generator: [N, C, H, W] in [-1, 1].
+
+        Randomness inside G's forward (StyleGAN2's noise inputs) is drawn from torch's generator reseeded for
+        the samples, inside a fork of it: every grid gets the same noise (grids over time differ only by
+        training), and the training's own draws are untouched, so sampling or not (a resumed run samples at
+        other steps) cannot change what trains."""
         parts_c = c.split(chunk) if c is not None else [None] * len(z.split(chunk))
-        return torch.cat([self.G_ema.module(zp, cp) for zp, cp in zip(z.split(chunk), parts_c)])
+        devices = [z.device] if z.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(rng.derive_seed(self.cfg.train.seed, rng.SAMPLES))
+            return torch.cat([self.G_ema.module(zp, cp) for zp, cp in zip(z.split(chunk), parts_c)])
 
     def write_samples(self, nimg: int, tracker) -> Path:
         from torchvision.utils import save_image

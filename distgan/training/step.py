@@ -1,8 +1,8 @@
 """One training step, as data: the phases, read top to bottom, and the two functions every forward goes through.
 
     PHASES (phases(cfg)):  name     trains  every                      loss of one micro-batch
-                           D_main   D       step (n_critic times)      reals vs fakes (+ R1/GP when interval 1)
-                           D_reg    D       loss.d_reg_interval steps  R1 and/or WGAN-GP, lazily (interval > 1)
+                           D_main   D       step (n_critic times)      reals vs fakes (+ R1/R2/GP at interval 1)
+                           D_reg    D       loss.d_reg_interval steps  R1, R2 and/or WGAN-GP, lazily (interval > 1)
                            G_main   G       step                       fool D (+ path length when interval 1)
                            G_reg    G       loss.g_reg_interval steps  path length, lazily (interval > 1)
 
@@ -19,7 +19,8 @@ N times as much (gain), and Adam's lr and betas are rescaled for lazy regularisa
 Every forward passes through these two, so what must happen to every G or D input happens in one place: the
 augmentation pipe goes inside run_D (reals and fakes, D's phases and G's). The Net handles refuse a forward that
 breaks the phase rules (distributed/nets.py). Labels: `c` are class indices [N] when the model is conditional,
-else None; reals carry their own, fakes are drawn like the data (trainer.draw).
+else None; reals carry their own, fakes are drawn like the data (trainer.draw). A relativistic loss (RpGAN) pairs
+each fake with a real in G's phase too: G_main then gets the last critic batch's reals, through D frozen.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distgan.losses import gradient_penalty, input_gradients, path_lengths, r1_penalty
+from distgan.losses import gradient_penalty, input_gradients, path_lengths, r1_penalty, r2_penalty
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class Phase:
 def phases(cfg) -> list[Phase]:
     """The step's phases, in order, for this config."""
     lo = cfg.loss
-    d_reg, g_reg = lo.r1_gamma > 0 or lo.gp_weight > 0, lo.pl_weight > 0
+    d_reg, g_reg = d_regularised(lo), lo.pl_weight > 0
     table = [Phase("D_main", "D", 1, d_main, repeat=lo.n_critic)]
     if d_reg and lo.d_reg_interval > 1:
         table.append(Phase("D_reg", "D", lo.d_reg_interval, d_reg_loss))
@@ -53,6 +54,11 @@ def phases(cfg) -> list[Phase]:
     if g_reg and lo.g_reg_interval > 1:
         table.append(Phase("G_reg", "G", lo.g_reg_interval, g_reg_loss))
     return table
+
+
+def d_regularised(lo) -> bool:
+    """Whether D has a penalty (R1, R2 or WGAN-GP)."""
+    return lo.r1_gamma > 0 or lo.r2_gamma > 0 or lo.gp_weight > 0
 
 
 @dataclass
@@ -80,18 +86,20 @@ class GANStep:
         self.fakes: list[torch.Tensor] = []  # the last D_main's fakes, per micro-batch (with graph when reused)
         self.class_probs: torch.Tensor | None = None  # generated labels' distribution (trainer sets it)
         lo = cfg.loss
-        self.inline_d_reg = (lo.r1_gamma > 0 or lo.gp_weight > 0) and lo.d_reg_interval == 1
+        self.inline_d_reg = d_regularised(lo) and lo.d_reg_interval == 1
+        # The penalties' weights: the config's, or their ramps' values at this step (the trainer sets them).
+        self.r1_gamma, self.r2_gamma = lo.r1_gamma, lo.r2_gamma
         self.inline_g_reg = lo.pl_weight > 0 and lo.g_reg_interval == 1
         # G_main reuses the last D step's fakes with their graph (one G forward less per step); with micro-batches
         # it regenerates them from the same latents instead (G has not changed since: the same images).
         self.reuse = cfg.train.reuse_fake and accum == 1
 
     # ------------------------------------------------------------------ every forward
-    def run_G(self, z: torch.Tensor, c: torch.Tensor | None, how: str = "train") -> torch.Tensor:
+    def run_G(self, z: torch.Tensor, c: torch.Tensor | None, how: str = "train", **kwargs):
         with torch.set_grad_enabled(how != "plain"), self.precision.autocast():
             if how == "plain":
                 return self.G.module(z, c)
-            return self.G.penalty(z, c) if how == "penalty" else self.G(z, c)
+            return self.G.penalty(z, c, **kwargs) if how == "penalty" else self.G(z, c)
 
     def run_D(self, x: torch.Tensor, c: torch.Tensor | None, how: str = "train") -> torch.Tensor:
         with self.precision.autocast():
@@ -100,8 +108,9 @@ class GANStep:
             return self.D.penalty(x, c) if how == "penalty" else self.D(x, c)
 
     # ------------------------------------------------------------------ penalties
-    def d_penalties(self, real, real_c, real_logits, fake, gen, gain: int) -> torch.Tensor:
-        """R1 on the reals (their logits given when taken in D_main) and/or WGAN-GP on interpolates."""
+    def d_penalties(self, real, real_c, real_logits, fake, fake_c, fake_logits, gen, gain: int) -> torch.Tensor:
+        """R1 on the reals, R2 on the fakes (their logits given when taken in D_main, with the input's gradient
+        kept), and/or WGAN-GP on interpolates."""
         lo = self.cfg.loss
         scale = self.D.loss_scale()
         total = torch.zeros([], device=self.device)
@@ -112,7 +121,14 @@ class GANStep:
             r1 = r1_penalty(input_gradients(real_logits, real, scale))  # [b]
             self.stats.report("Loss/D/r1", r1)
             # `real_logits * 0` ties every D parameter into this backward, as DDP requires.
-            total = total + r1.mean() * (lo.r1_gamma / 2) * gain + real_logits.float().mean() * 0
+            total = total + r1.mean() * (self.r1_gamma / 2) * gain + real_logits.float().mean() * 0
+        if lo.r2_gamma > 0:
+            if fake_logits is None:
+                fake = fake.detach().float().requires_grad_(True)
+                fake_logits = self.run_D(fake, fake_c, "penalty")
+            r2 = r2_penalty(input_gradients(fake_logits, fake, scale))  # [b]
+            self.stats.report("Loss/D/r2", r2)
+            total = total + r2.mean() * (self.r2_gamma / 2) * gain + fake_logits.float().mean() * 0
         if lo.gp_weight > 0:
             u = torch.rand([real.shape[0], 1, 1, 1], generator=gen, device=self.device)
             x_hat = torch.lerp(real.detach(), fake.detach().float(), u).requires_grad_(True)
@@ -123,14 +139,18 @@ class GANStep:
         return total
 
     def g_penalty(self, gen, gain: int) -> torch.Tensor:
-        """Path length on the latent: ||J_G(z)^T y|| for random unit-variance image directions y should stay near
-        its running mean, so equal steps in z make equal changes in the image."""
+        """Path length: ||J^T y|| for random unit-variance image directions y should stay near its running mean,
+        so equal steps in the latent make equal changes in the image. J is the Jacobian of the image in z, or in
+        the styles w for a family that has them (`path_length_on_w`: StyleGAN2, whose penalty is on w)."""
         lo, m = self.cfg.loss, self.cfg.model
         z = torch.randn([self.micro, m.z_dim], generator=gen, device=self.device).requires_grad_(True)
         c = self.draw_labels(self.micro, gen)
-        img = self.run_G(z, c, "penalty")  # [b, C, H, W]
+        if getattr(self.G.module, "path_length_on_w", False):
+            img, wrt = self.run_G(z, c, "penalty", return_ws=True)  # [b, C, H, W], ws [b, num_ws, w_dim]
+        else:
+            img, wrt = self.run_G(z, c, "penalty"), z  # [b, C, H, W]
         y = torch.randn(img.shape, generator=gen, device=self.device) / math.sqrt(img.shape[2] * img.shape[3])
-        lengths = path_lengths(input_gradients(img.float() * y, z, self.G.loss_scale()))
+        lengths = path_lengths(input_gradients(img.float() * y, wrt, self.G.loss_scale()))  # [b]
         batch_mean = self.dist.all_reduce_mean(lengths.detach().mean().clone())  # the same on every rank
         self.pl_mean.lerp_(batch_mean, lo.pl_decay)
         penalty = (lengths - self.pl_mean).square()
@@ -164,11 +184,13 @@ def d_main(s: GANStep, mb: MicroBatch, gen) -> torch.Tensor:
     if mb.index == 0:
         s.fakes = []
     s.fakes.append(fake)
-    fake = fake.detach()
-    r1 = s.inline_d_reg and s.cfg.loss.r1_gamma > 0
-    real = mb.real.detach().requires_grad_(True) if r1 else mb.real  # R1 in the main step shares the real logits
+    lo = s.cfg.loss
+    r1, r2 = s.inline_d_reg and lo.r1_gamma > 0, s.inline_d_reg and lo.r2_gamma > 0
+    # R1/R2 in the main step share the main step's logits (their inputs then need gradients).
+    real = mb.real.detach().requires_grad_(True) if r1 else mb.real
+    fake = fake.detach().requires_grad_(True) if r2 else fake.detach()
     real_logits = s.run_D(real, mb.real_c, "penalty" if r1 else "train")  # [b]
-    fake_logits = s.run_D(fake, mb.fake_c, "train")  # [b]
+    fake_logits = s.run_D(fake, mb.fake_c, "penalty" if r2 else "train")  # [b]
     loss = s.loss.d_loss(real_logits.float(), fake_logits.float())
     s.stats.report("Loss/D/main", loss)
     s.stats.report("D/real_logit", real_logits)
@@ -177,19 +199,22 @@ def d_main(s: GANStep, mb: MicroBatch, gen) -> torch.Tensor:
     s.stats.report("D/real_prob", torch.sigmoid(real_logits.detach().float()))
     s.stats.report("D/fake_prob", torch.sigmoid(fake_logits.detach().float()))
     if s.inline_d_reg:
-        loss = loss + s.d_penalties(real, mb.real_c, real_logits if r1 else None, fake, gen, gain=1)
+        loss = loss + s.d_penalties(real, mb.real_c, real_logits if r1 else None, fake, mb.fake_c,
+                                    fake_logits if r2 else None, gen, gain=1)  # fmt: skip
     return loss
 
 
 def d_reg_loss(s: GANStep, mb: MicroBatch, gen) -> torch.Tensor:
-    return s.d_penalties(mb.real, mb.real_c, None, s.fakes[mb.index], gen, gain=s.cfg.loss.d_reg_interval)
+    return s.d_penalties(mb.real, mb.real_c, None, s.fakes[mb.index], mb.fake_c, None, gen,
+                         gain=s.cfg.loss.d_reg_interval)  # fmt: skip
 
 
 def g_main(s: GANStep, mb: MicroBatch, gen) -> torch.Tensor:
     """G learns to fool D (frozen), on the last D step's fakes or regenerated from its latents."""
     fake = s.fakes[mb.index] if s.reuse else s.run_G(mb.z, mb.fake_c, "train")
     fake_logits = s.run_D(fake, mb.fake_c, "frozen")
-    loss = s.loss.g_loss(fake_logits.float())
+    real_logits = s.run_D(mb.real, mb.real_c, "frozen").float() if s.loss.relativistic else None
+    loss = s.loss.g_loss(fake_logits.float(), real_logits)
     s.stats.report("Loss/G/main", loss)
     if s.inline_g_reg:
         loss = loss + s.g_penalty(gen, gain=1)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from distgan import faults, launcher, rng
+from distgan import faults, launcher, rng, schedule
 from distgan.checkpoint import load_file, rank_file, read_manifest
 from distgan.config import micro_batches
 from distgan.distributed.nets import make_adam
@@ -32,7 +32,7 @@ from distgan.training import loop
 from distgan.training.guard import NonFiniteGuard
 from distgan.training.snapshots import Snapshots
 from distgan.training.state import Files, StateRegistry, Values, upgrade_v2
-from distgan.training.step import GANStep, MicroBatch, phases
+from distgan.training.step import GANStep, MicroBatch, d_regularised, phases
 
 
 class Trainer:
@@ -64,13 +64,15 @@ class Trainer:
 
         # One Adam per network, fused where torch has the kernel (one kernel per update, and an update skipped on
         # the device for a non-finite gradient); lazy regularisation rescales lr and betas.
-        d_lazy = (lo.r1_gamma > 0 or lo.gp_weight > 0) and lo.d_reg_interval > 1
+        d_lazy = d_regularised(lo) and lo.d_reg_interval > 1
         g_lazy = lo.pl_weight > 0 and lo.g_reg_interval > 1
         o = cfg.optim
-        self.hparams = {
-            "G": self._adam_hparams(o.lr_g, lo.g_reg_interval if g_lazy else None),
-            "D": self._adam_hparams(o.lr_d, lo.d_reg_interval if d_lazy else None),
-        }
+        self._reg_interval = {"G": lo.g_reg_interval if g_lazy else None, "D": lo.d_reg_interval if d_lazy else None}
+        self.hparams = {"G": self._adam_hparams(o.lr_g, self._reg_interval["G"]),
+                        "D": self._adam_hparams(o.lr_d, self._reg_interval["D"])}  # fmt: skip
+        # Ramped hyper-parameters (schedule.*): set at every step when any ramps.
+        self.scheduled = schedule.describe(cfg) is not None
+        self.ema_kimg = cfg.train.ema_kimg
         self.opt_G = make_adam(self.G_module.parameters(), **self.hparams["G"], device=self.device)
         self.opt_D = make_adam(self.D_module.parameters(), **self.hparams["D"], device=self.device)
 
@@ -79,6 +81,10 @@ class Trainer:
         self.G = dist.make_net("G", self.G_module, self.opt_G, self.micro, self.accum)
         self.D = dist.make_net("D", self.D_module, self.opt_D, self.micro, self.accum)
         self.nets = {"G": self.G, "D": self.D}
+        # Randomness inside the networks' forwards (StyleGAN2's noise inputs and style mixing) comes from torch's
+        # global generator: seeded here per rank, after the strategy's setup (DeepSpeed's engines draw from it),
+        # so the ranks draw different noise, DDP and ZeRO the same, and a checkpoint's rank state carries it on.
+        torch.manual_seed(rng.derive_seed(t.seed, rng.FORWARD, dist.rank))
 
         # The step, the guard, the snapshots.
         self.stats = Collector(self.device)
@@ -112,12 +118,25 @@ class Trainer:
         self.state.register("rng", self.rng_state, scope="rank")
         self.state.register("stream", _StreamPosition(self), scope="rank")
 
-    def _adam_hparams(self, lr: float, reg_interval: int | None) -> dict:
+    def _adam_hparams(self, lr: float, reg_interval: int | None, beta2: float | None = None) -> dict:
         # Lazy regularisation steps the optimizer interval+1 times per interval steps: rescale lr and betas so
         # the effective step size and momentum horizon are unchanged (StyleGAN2, Karras et al. 2020, app. B).
         o = self.cfg.optim
         ratio = reg_interval / (reg_interval + 1) if reg_interval else 1.0
-        return {"lr": lr * ratio, "betas": (o.beta1**ratio, o.beta2**ratio), "eps": o.eps}
+        beta2 = o.beta2 if beta2 is None else beta2
+        return {"lr": lr * ratio, "betas": (o.beta1**ratio, beta2**ratio), "eps": o.eps}
+
+    def _apply_schedules(self) -> None:
+        """Set this step's ramped hyper-parameters (schedule.py): functions of cur_nimg, so a resumed run sets
+        the same values at the same step. Adam reads lr and betas from its param groups at each step (under ZeRO
+        too: DeepSpeed's optimizer steps the same torch Adam)."""
+        v = schedule.values(self.cfg, self.cur_nimg)
+        for net, opt in (("G", self.opt_G), ("D", self.opt_D)):
+            hp = self._adam_hparams(v[f"lr_{net.lower()}"], self._reg_interval[net], v["beta2"])
+            for group in opt.param_groups:
+                group["lr"], group["betas"] = hp["lr"], hp["betas"]
+        self.step.r1_gamma, self.step.r2_gamma = v["r1_gamma"], v["r2_gamma"]
+        self.ema_kimg = v["ema_kimg"]
 
     # the loss functions, the skip counters: attributes of the parts that own them
     @property
@@ -162,14 +181,18 @@ class Trainer:
         """
         z, fake_c = latents if isinstance(latents, tuple) else (latents, None)
         n_critic = self.cfg.loss.n_critic
+        if self.scheduled:
+            self._apply_schedules()
         self.guard.begin_step()
         for phase in self.phases:
             if self.step_idx % phase.every:
                 continue
             for k in range(phase.repeat):
-                # D's phases take reals (D_main the k-th critic batch, D_reg the last); G's the fakes' latents.
+                # D's phases take reals (D_main the k-th critic batch, D_reg the last); G's the fakes' latents,
+                # and under a relativistic loss G_main the last critic batch's reals too (each fake has its pair).
                 critic = k if phase.name == "D_main" else n_critic - 1
-                real, real_c = self._reals(reals[critic]) if phase.net == "D" else (None, None)
+                wants_reals = phase.net == "D" or (phase.name == "G_main" and self.step.loss.relativistic)
+                real, real_c = self._reals(reals[critic]) if wants_reals else (None, None)
                 zi = critic if phase.net == "D" or self.cfg.train.reuse_fake else n_critic
                 self._run_phase(phase, real, real_c, z[zi], fake_c[zi] if fake_c is not None else None, gen,
                                 critic, last=critic == n_critic - 1)  # fmt: skip
@@ -180,7 +203,7 @@ class Trainer:
         self.cur_nimg += step_nimg
         self.step_idx += 1
         t = self.cfg.train
-        self.G_ema.update(ema_beta(step_nimg, self.cur_nimg, t.ema_kimg, t.ema_rampup))
+        self.G_ema.update(ema_beta(step_nimg, self.cur_nimg, self.ema_kimg, t.ema_rampup))
 
     def _run_phase(self, phase, real, real_c, z, fake_c, gen, critic: int, last: bool) -> None:
         """Train `phase.net` on the phase's loss, micro-batch by micro-batch, then step it. D is frozen during G's

@@ -7,7 +7,7 @@ Each test includes the control that would make it fail: without gradient sync th
 import pytest
 import torch
 
-from support import flat, make_trainer, run_ranks
+from support import TINY, flat, make_trainer, run_ranks
 
 pytestmark = pytest.mark.dist
 
@@ -37,17 +37,25 @@ def _global_inputs(batch=16):
     return reals, latents
 
 
-def test_two_ranks_batch_b_equal_one_rank_batch_2b():
+# The batch-independent families (no BatchNorm, no minibatch statistics, no random noise inside G): DCGAN without
+# its norms, and R3GAN with its pairing loss, R1 and R2 (a pair is a real and a fake of the same index: the split
+# over ranks keeps pairs together). StyleGAN2 (minibatch std, per-rank noise) and BigGAN (BatchNorm) are not.
+BATCH_FREE = {"dcgan": NO_BN, "r3gan": TINY["r3gan"]}
+
+
+@pytest.mark.parametrize("family", sorted(BATCH_FREE))
+def test_two_ranks_batch_b_equal_one_rank_batch_2b(family):
+    overrides = BATCH_FREE[family]
     reals, latents = _global_inputs()
-    [single] = run_ranks(_one_step, 1, NO_BN, reals, latents, True)
-    two = run_ranks(_one_step, 2, NO_BN, reals, latents, True)
-    init = make_trainer(*NO_BN)
+    [single] = run_ranks(_one_step, 1, overrides, reals, latents, True)
+    two = run_ranks(_one_step, 2, overrides, reals, latents, True)
+    init = make_trainer(*overrides)
     for net in ("G", "D"):
         assert not torch.equal(single[net], flat(getattr(init, net + "_module")))  # the step did change it
         assert torch.equal(two[0][net], two[1][net])  # ranks agree bit for bit
         torch.testing.assert_close(two[0][net], single[net], rtol=1e-5, atol=1e-6)
     # Control: the same 2-rank step without gradient all-reduce is not the 1-rank step.
-    unsynced = run_ranks(_one_step, 2, NO_BN, reals, latents, False)
+    unsynced = run_ranks(_one_step, 2, overrides, reals, latents, False)
     assert not torch.allclose(unsynced[0]["G"], single["G"], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(unsynced[0]["D"], unsynced[1]["D"])
 
@@ -63,7 +71,9 @@ def _several_steps(rank, world, overrides, steps, sync):
     out = {"G": flat(tr.G_module), "D": flat(tr.D_module), "G_ema": flat(tr.G_ema.module)}
 
     def buffers():
-        return torch.cat([b.flatten().float() for b in [*tr.G_module.buffers(), *tr.D_module.buffers()]])
+        return torch.cat(
+            [b.flatten().float() for b in [*tr.G_module.buffers(), *tr.D_module.buffers(), torch.zeros(0)]]
+        )
 
     out["buffers_before_sync"] = buffers()
     tr.sync_buffers()  # what every snapshot does
@@ -92,20 +102,25 @@ def _several_steps(rank, world, overrides, steps, sync):
             "loss.n_critic=2",
         ),
         ("model.num_classes=auto", "loss.r1_gamma=1", "loss.d_reg_interval=2"),  # the shapes' 4 classes
+        (*TINY["stylegan2"], "model.num_classes=auto", "train.precision=bf16"),
+        (*TINY["biggan"], "model.num_classes=auto"),
+        (*TINY["r3gan"], "model.num_classes=auto"),
     ],
-    ids=["dcgan", "r1+pl+bf16+ncritic", "conditional"],
+    ids=["dcgan", "r1+pl+bf16+ncritic", "conditional", "stylegan2", "biggan", "r3gan"],
 )
 def test_parameters_identical_across_ranks_and_diverge_without_sync(overrides):
     synced = run_ranks(_several_steps, 2, overrides, 4, True)
     for net in ("G", "D", "G_ema"):
         assert torch.equal(synced[0][net], synced[1][net]), net
-    assert all(r["ema_buffers_match"] and r["ema_buffers_moved"] for r in synced)
-    # BatchNorm running stats follow each rank's own batches until a snapshot averages them.
-    assert not torch.equal(synced[0]["buffers_before_sync"], synced[1]["buffers_before_sync"])
-    assert torch.equal(synced[0]["buffers"], synced[1]["buffers"])
-    torch.testing.assert_close(
-        synced[0]["buffers"], (synced[0]["buffers_before_sync"] + synced[1]["buffers_before_sync"]) / 2
-    )
+    if len(synced[0]["buffers"]):  # (R3GAN has no buffers at all)
+        assert all(r["ema_buffers_match"] and r["ema_buffers_moved"] for r in synced)
+        # Running statistics (BatchNorm's, StyleGAN2's w_avg) follow each rank's own batches until a snapshot
+        # averages them; buffers that depend only on the weights (spectral norm's u, v) stay equal.
+        assert not torch.equal(synced[0]["buffers_before_sync"], synced[1]["buffers_before_sync"])
+        assert torch.equal(synced[0]["buffers"], synced[1]["buffers"])
+        torch.testing.assert_close(
+            synced[0]["buffers"], (synced[0]["buffers_before_sync"] + synced[1]["buffers_before_sync"]) / 2
+        )
     unsynced = run_ranks(_several_steps, 2, overrides, 4, False)
     for net in ("G", "D"):
         assert not torch.equal(unsynced[0][net], unsynced[1][net]), net

@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from conftest import BIN, REPO, cli_env, patience, require_deepspeed
-from support import flat, make_trainer, run_ranks
+from support import TINY, flat, make_trainer, run_ranks
 
 pytestmark = [pytest.mark.dist, pytest.mark.deepspeed]
 
@@ -45,8 +45,19 @@ CONFIGS = {
         "loss.kind=wgan", "loss.gp_weight=10", "loss.d_reg_interval=1", "loss.n_critic=2"
     ],
     "bf16, R1 in the main step": ["train.precision=bf16", "loss.r1_gamma=1", "loss.d_reg_interval=1"],
+    # every other family with its own loss and penalties (support.TINY)
+    "stylegan2: lazy R1, path length on w, conditional": [*TINY["stylegan2"], "model.num_classes=auto"],
+    "biggan: hinge, spectral norm, bf16": [*TINY["biggan"], "train.precision=bf16"],
+    "r3gan: pairing loss, R1 + R2, schedules, conditional": [*TINY["r3gan"], "model.num_classes=auto"],
 }  # fmt: skip
 STRATEGIES = ("ddp", "zero1", "zero2")
+# Configs where ZeRO and DDP agree up to float rounding rather than bit for bit (measured over 5 steps). StyleGAN2:
+# G differs by at most 6e-8, first (at its second step, by 3e-11) in two of its smallest tensors, the last block's
+# noise strength [1] and toRGB bias [3]. R3GAN: at most 1.5e-8, equal for the first two steps. Not Adam stepping
+# one flat tensor instead of each parameter (checked: bit-equal on CPU); the cause is not pinned down yet. A wrong
+# reduction or a stale scheduled lr would be off by ~lr (1e-4) per step, four orders of magnitude more.
+ROUNDING = {"stylegan2: lazy R1, path length on w, conditional": 1e-6,
+            "r3gan: pairing loss, R1 + R2, schedules, conditional": 1e-6}  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -127,7 +138,10 @@ def test_zero1_and_zero2_train_exactly_what_ddp_trains():
             assert z["engine"] == "DeepSpeedEngine"
             for net in ("G", "D", "G_ema"):
                 assert torch.equal(z[net], r1[name, strategy][net]), (name, strategy, net, "ranks differ")
-                assert torch.equal(z[net], ddp[net]), (name, strategy, net, (z[net] - ddp[net]).abs().max())
+                if name in ROUNDING:
+                    torch.testing.assert_close(z[net], ddp[net], rtol=0, atol=ROUNDING[name])
+                else:
+                    assert torch.equal(z[net], ddp[net]), (name, strategy, net, (z[net] - ddp[net]).abs().max())
             # ZeRO partitions the optimizer state: each rank holds about half of it (DDP: all of it, on each).
             assert 0.45 < z["opt_numel"] / ddp["opt_numel"] < 0.6, (name, strategy, z["opt_numel"], ddp["opt_numel"])
         # Controls: training moved every network; the two ranks trained on different data.

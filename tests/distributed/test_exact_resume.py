@@ -31,7 +31,7 @@ import pytest
 import torch
 
 from conftest import require_deepspeed
-from support import make_trainer, run_ranks, write_shards
+from support import TINY, make_trainer, run_ranks, write_shards
 
 pytestmark = pytest.mark.dist
 
@@ -40,10 +40,12 @@ SEGMENTS = (6, 9, 12)
 
 
 def _args(folder, end_step, strategy):
-    strategy, _, classes = strategy.partition("+")  # "ddp+classes": a class-conditional model on labelled shards
+    # "ddp+classes": a class-conditional model on labelled shards; "ddp+stylegan2": that family (support.TINY)
+    strategy, *extras = strategy.split("+")
     return (
         f"dist.strategy={strategy}",
-        *(["model.num_classes=auto"] if classes else []),
+        *(["model.num_classes=auto"] if "classes" in extras else []),
+        *(o for e in extras if e in TINY for o in TINY[e]),
         "data.source=shards",
         f"data.shards={folder}",
         "data.workers=1",
@@ -126,13 +128,20 @@ def _segment(dist, folder, strategy, run_dir, end_step, resume, control):
     return out
 
 
-@pytest.mark.parametrize("strategy", ["ddp", pytest.param("zero2", marks=pytest.mark.deepspeed), "ddp+classes"])
+@pytest.mark.parametrize(
+    "strategy",
+    ["ddp", pytest.param("zero2", marks=pytest.mark.deepspeed), "ddp+classes",
+     # the other families, each with what it carries across a resume: StyleGAN2 its w_avg, noise and style-mixing
+     # draws (torch's generator, in the rank state) and path-length mean; BigGAN spectral norm's u and v and
+     # BatchNorm statistics; R3GAN its ramped lr and R1 weight (functions of the images seen)
+     "ddp+stylegan2+classes", "ddp+biggan+classes", "ddp+r3gan"],
+)  # fmt: skip
 def test_stopped_twice_and_resumed_equals_straight_bit_for_bit(tmp_path, strategy):
     if strategy.startswith("zero"):
         require_deepspeed()
     folder = tmp_path / "shards"
     # 256 samples: an epoch is 16 steps, longer than the run; "+classes": labelled 0-4 by id, a conditional model
-    labels = {"label": lambda i: i % 5, "num_classes": 5} if strategy.endswith("+classes") else {}
+    labels = {"label": lambda i: i % 5, "num_classes": 5} if "+classes" in strategy else {}
     write_shards(folder, 8, 32, resolution=32, **labels)
     run = str(tmp_path / "resumed")
     # Launch 1: the straight run (its own run dir), and the resumed run's first segment. Launches 2 and 3 are

@@ -7,6 +7,7 @@ import yaml
 
 from distgan.config import Config, from_dict, load_config, to_yaml
 from distgan.errors import ConfigError
+from support import SMOKE
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -172,3 +173,15 @@ def test_help_config_lists_every_key():
         "loss.r1_gamma",
     ):
         assert key in p.stdout
+
+
+def test_switching_the_family_on_the_command_line_drops_the_files_other_family_section():
+    # configs/smoke.yaml has a model.dcgan section; model.family=r3gan on the command line builds R3GAN with its own
+    # defaults (and keys of the new section given there), not an error about dcgan's keys.
+    cfg = load_config(SMOKE, ["model.family=r3gan", "model.r3gan.width=64"])
+    assert cfg.model.family == "r3gan" and cfg.model.options.width == 64 and "dcgan" not in cfg.to_dict()["model"]
+    # Control: the same file keeps its dcgan section when the family is not switched...
+    assert load_config(SMOKE).model.options.g_width == 8
+    # ...and another family's key written on the command line is still refused.
+    with pytest.raises(ConfigError, match="model.dcgan.g_width is an option of model family dcgan"):
+        load_config(SMOKE, ["model.family=r3gan", "model.dcgan.g_width=3"])

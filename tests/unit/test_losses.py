@@ -9,6 +9,7 @@ from distgan.losses import (
     input_gradients,
     path_lengths,
     r1_penalty,
+    r2_penalty,
 )
 
 REAL = torch.tensor([2.0, -1.0, 0.5])
@@ -30,12 +31,33 @@ def test_nonsaturating_matches_textbook_with_correct_signs():
     assert loss.g_loss(FAKE).item() == pytest.approx(g_ref, rel=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["nonsaturating", "hinge", "wgan"])
+@pytest.mark.parametrize("kind", ["nonsaturating", "hinge", "wgan", "rpgan"])
 def test_d_loss_rewards_telling_real_from_fake(kind):
     # Raising real logits and lowering fake logits must lower D's loss; raising fake logits must lower G's.
     loss = LOSSES[kind]
     assert loss.d_loss(REAL + 1, FAKE - 1) < loss.d_loss(REAL, FAKE)
-    assert loss.g_loss(FAKE + 1) < loss.g_loss(FAKE)
+    assert loss.g_loss(FAKE + 1, REAL) < loss.g_loss(FAKE, REAL)
+
+
+def test_rpgan_matches_the_pairing_formula_with_plain_logs():
+    # RpGAN (Huang et al. 2024, eq. 2): L_D = E[-log sigmoid(D(x) - D(G(z)))], L_G = E[-log sigmoid(D(G(z)) - D(x))],
+    # pair i with pair i. Written with plain logs and sigmoids, one pair at a time.
+    pairs = list(zip(REAL.tolist(), FAKE.tolist()))
+    d_ref = sum(-math.log(sigmoid(r - f)) for r, f in pairs) / 3
+    g_ref = sum(-math.log(sigmoid(f - r)) for r, f in pairs) / 3
+    loss = LOSSES["rpgan"]
+    assert loss.relativistic and not LOSSES["nonsaturating"].relativistic
+    assert loss.d_loss(REAL, FAKE).item() == pytest.approx(d_ref, rel=1e-6)
+    assert loss.g_loss(FAKE, REAL).item() == pytest.approx(g_ref, rel=1e-6)
+    # Only differences count: shifting every logit by the same amount changes nothing (not so for the others).
+    assert loss.d_loss(REAL + 5, FAKE + 5).item() == pytest.approx(d_ref, rel=1e-6)
+    assert LOSSES["nonsaturating"].d_loss(REAL + 5, FAKE + 5).item() != pytest.approx(
+        LOSSES["nonsaturating"].d_loss(REAL, FAKE).item(), rel=1e-3
+    )
+    # Pairing matters: the same logits paired otherwise give another loss.
+    assert loss.d_loss(REAL, FAKE.flip(0)).item() != pytest.approx(d_ref, rel=1e-3)
+    with pytest.raises(ValueError, match="reals' logits"):
+        loss.g_loss(FAKE)
 
 
 def test_hinge_values():
@@ -96,6 +118,22 @@ def test_r1_matches_plain_autograd_reference():
     assert d[0].weight.grad is not None and d[0].weight.grad.abs().sum() > 0
 
 
+def test_r2_matches_plain_autograd_reference_on_fakes():
+    # R2 is R1's penalty taken at generated images: per-sample ||dD(x)/dx||^2, the gradient flowing to D's weights
+    # and, through the fakes, nowhere else (they are detached leaves here, as in the trainer).
+    d, g = _tiny_d(), torch.nn.Conv2d(3, 3, 1)
+    fake = torch.tanh(g(torch.randn(4, 3, 8, 8))).detach().requires_grad_(True)
+    ours = r2_penalty(input_gradients(d(fake).flatten(), fake))
+    ref = []
+    for i in range(4):
+        xi = fake[i : i + 1].detach().requires_grad_(True)
+        (gi,) = torch.autograd.grad(d(xi).sum(), xi)
+        ref.append(gi.pow(2).sum())
+    torch.testing.assert_close(ours, torch.stack(ref))
+    ours.mean().backward()
+    assert d[0].weight.grad.abs().sum() > 0 and g.weight.grad is None
+
+
 def test_gradient_penalty_matches_reference():
     d = _tiny_d()
     x = torch.randn(4, 3, 8, 8, requires_grad=True)
@@ -135,3 +173,12 @@ def test_overflow_propagates_to_penalty():
     y = (x * 60000).half()  # near fp16 max
     grads = input_gradients(y, x, loss_scale=2.0**16)  # 60000 * 65536 overflows to inf in the scaled graph
     assert not torch.isfinite(r1_penalty(grads)).all()
+
+
+def test_path_length_on_styles_is_the_rms_over_layers_of_the_norms():
+    # StyleGAN2's path length on w: ws [N, num_ws, w_dim] are num_ws copies of w; the length is
+    # sqrt(mean_layers ||g_layer||^2). Written out per sample; the z form is the plain norm.
+    g = torch.randn(3, 5, 7)
+    ref = torch.stack([torch.sqrt(sum(g[i, k].pow(2).sum() for k in range(5)) / 5) for i in range(3)])
+    torch.testing.assert_close(path_lengths(g), ref)
+    torch.testing.assert_close(path_lengths(g[:, 0]), g[:, 0].norm(dim=1))
