@@ -65,7 +65,11 @@ class LossConfig:
     kind: Literal["nonsaturating", "hinge", "wgan", "lsgan", "rpgan"] = _f(
         "nonsaturating", "adversarial loss (rpgan: relativistic pairing, R3GAN's; each fake paired with a real)"
     )
-    r1_gamma: float = _f(0.0, "R1 penalty weight on real images (0 = off)")
+    r1_gamma: float | Literal["auto"] = _f(
+        0.0,
+        "R1 penalty weight on real images (0 = off; auto = 0.0002 x model.resolution^2 / train.batch, the heuristic "
+        "of StyleGAN2-ADA's automatic config: the run's config records the number)",
+    )
     r2_gamma: float = _f(0.0, "R2 penalty weight on generated images (0 = off; R3GAN: the same as r1_gamma)")
     gp_weight: float = _f(0.0, "WGAN-GP gradient penalty weight on interpolates (0 = off; 10 for WGAN-GP)")
     d_reg_interval: int = _f(16, "run D's penalties every N steps (lazy; lr/betas rescaled); 1 = in the main step")
@@ -375,6 +379,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return from_flat({**values, **given}, default_name=name)
 
 
+def auto_gamma(resolution: int, batch: int) -> float:
+    """StyleGAN2-ADA's R1 weight for a resolution and global batch (Karras et al. 2020b, app. D): 0.0002 R^2 / B."""
+    return 0.0002 * resolution**2 / max(batch, 1)
+
+
 def other_family_key(key: str, family: str) -> bool:
     parts = key.split(".")
     return len(parts) >= 3 and parts[0] == "model" and parts[1] in FAMILIES and parts[1] != family
@@ -435,6 +444,8 @@ def from_flat(values: dict[str, Any], default_name: str = "") -> Config:
         setattr(_section(cfg, section), leaf, value)
     if errors:
         raise ConfigError("invalid config values: " + "; ".join(errors))
+    if cfg.loss.r1_gamma == "auto":
+        cfg.loss.r1_gamma = auto_gamma(cfg.model.resolution, cfg.train.batch)
     if not cfg.name:
         cfg.name = default_name or "run"
     return cfg

@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a conditional generator's classes (indices): a grid of one class, or one row per class with "
                    "the same latents in each row; files and walks cycle through them (default: drawn like the "
                    "training data)")  # fmt: skip
+    p.add_argument("--psi", type=float, help="StyleGAN2: truncation toward the average style w_avg (1 = none, 0 = "
+                   "the average image; 0.5-0.7 trades variety for quality)")  # fmt: skip
+    p.add_argument("--style-mix", type=int, metavar="L",
+                   help="StyleGAN2: a style-mixing grid (a .png): the first L styles (coarse: pose, shape) from "
+                   "the top row's latents, the rest from the left column's; --num latents each way "
+                   "(default 6)")  # fmt: skip
     p.add_argument("--interpolate", type=int, metavar="K", help="a looping latent walk through K latents")
     p.add_argument("--frames", type=int, default=24, help="--interpolate: frames from one latent to the next")
     p.add_argument("--progress", action="store_true", help="animate the run's samples/fakes-*.png in kimg order")
@@ -110,6 +116,7 @@ def run(args) -> list[str]:
     G = load_generator(source, device)
     k = int(getattr(G, "num_classes", 0) or 0)
     classes = check_classes(args, k)
+    G = with_styles(G, args)
     probs = None
     lines = [f"generator: {source} (G_ema at {G.nimg / 1000:.3f} kimg, z_dim {G.z_dim}"
              f"{f', {k} classes' if k else ''}) on {device}"]  # fmt: skip
@@ -139,6 +146,14 @@ def run(args) -> list[str]:
 
             write_animation(frames(), out, args.fps or 24.0)
             return [*lines, f"wrote {out}: {len(z)} frames of {walks} walk(s) through {args.interpolate} latents"]
+        if args.style_mix is not None:
+            n = args.num or 6
+            c = None
+            if k:
+                c = torch.full([n], classes[0], dtype=torch.long) if classes else labels(args.seed, 0, n, k, probs)
+            save_png(to_frame(style_mix_grid(G, args.style_mix, n, args.seed, device, c), n + 1), out)
+            return [*lines, f"wrote {out}: a style-mixing grid, styles 0-{args.style_mix - 1} from the top row and "
+                            f"the rest from the left column, {n} latents each (seed {args.seed})"]  # fmt: skip
         n = args.num or 64
         if ext in GRID_EXT:
             cells, c, cols = layout(n, k, classes, probs, args.seed)
@@ -180,6 +195,8 @@ def check_args(args, ext: str) -> None:
         raise GenerateError(f"--out {args.out}: an animation needs --interpolate K or --progress")
     if args.progress and args.run is None:
         raise GenerateError("--progress animates a run's sample grids: give --run RUN_DIR")
+    if args.style_mix is not None and (ext not in GRID_EXT or args.interpolate is not None or args.progress):
+        raise GenerateError("--style-mix makes one grid: give --out a .png or .jpg file, without --interpolate")
     if args.classes is not None:
         parse_classes(args.classes)
         if args.progress:
@@ -322,6 +339,47 @@ def walk(keys, frames: int):
 
 
 # ---------------------------------------------------------------------- images
+
+
+def with_styles(G, args):
+    """G with --psi (and, for a generator with styles, fixed noise: the same seed makes the same images), or a
+    GenerateError naming why an option does not apply to this generator."""
+    import functools
+
+    styled = hasattr(G, "mapping") and hasattr(G, "synthesis")
+    if not styled:
+        for flag, value in (("--psi", args.psi), ("--style-mix", args.style_mix)):
+            if value is not None:
+                raise GenerateError(f"{flag} needs a generator with a style mapping (StyleGAN2); this one has none")
+        return G
+    if args.psi is not None and not 0 <= args.psi <= 1:
+        raise GenerateError(f"--psi {args.psi}: must be in [0, 1] (1 = no truncation)")
+    if args.style_mix is not None and not 1 <= args.style_mix < G.num_ws:
+        raise GenerateError(f"--style-mix {args.style_mix}: must be in [1, {G.num_ws - 1}] (this G has {G.num_ws} "
+                            f"styles)")  # fmt: skip
+    G.forward = functools.partial(G.forward, psi=1.0 if args.psi is None else args.psi, noise_mode="const")
+    G.psi = 1.0 if args.psi is None else args.psi
+    return G
+
+
+def style_mix_grid(G, cut: int, n: int, seed: int, device, c=None):
+    """An (n+1) x (n+1) grid: a blank corner, n column sources on top, n row sources down the left, and at (i, j)
+    the image whose first `cut` styles are column j's and the rest row i's (StyleGAN, Karras et al. 2019, fig. 3).
+    Row sources are latents 0..n-1 of `seed`, column sources latents n..2n-1. `c`: the n rows' classes."""
+    import torch
+
+    z = latents(seed, 0, 2 * n, G.z_dim).to(device)
+    cc = torch.cat([c, c]).to(device) if c is not None else None
+    ws = G.mapping(z, cc, psi=G.psi)  # [2n, num_ws, w_dim]
+    rows, cols = ws[:n], ws[n:]
+    layer = torch.arange(G.num_ws, device=device)[None, :, None]
+    mixed = torch.where(layer < cut, cols[None, :], rows[:, None]).flatten(0, 1)  # [n*n, num_ws, w_dim]
+    images = G.synthesis(torch.cat([rows, cols, mixed]), noise_mode="const").float().cpu()  # [2n + n*n, ...]
+    blank = torch.full_like(images[:1], -1.0)
+    grid = [blank, images[n : 2 * n]]  # top row: the corner, then the column sources
+    for i in range(n):
+        grid += [images[i : i + 1], images[2 * n + i * n : 2 * n + (i + 1) * n]]
+    return torch.cat(grid)
 
 
 def render(G, z, batch: int, device, c=None):

@@ -3,6 +3,7 @@
     distgan bench train --config configs/default.yaml [--steps 40] [--repeats 3] [--no-scaling]
     distgan bench data [--shards DIR] [--workers 2]
     distgan bench scale [--config CFG] [--model-only]
+    distgan bench quality [--families dcgan,stylegan2,...] [--minutes 3]
     distgan gpu-check [--dry]                                (its own verb: `make gpu-check`)
 
 The package, one module per command; each has `add_parser(sub)` and `run(args)` (gpu_check: `main(argv)`):
@@ -16,9 +17,11 @@ The package, one module per command; each has `add_parser(sub)` and `run(args)` 
     data.py        `bench data`: the shard streamer vs torchvision ImageFolder + DataLoader
     scale.py       `bench scale`: the communication model of docs/scaling.md, checked on 1 vs 2 measured
                    ranks, and its predictions for 8-512 GPUs
+    quality.py     `bench quality`: every model family vs DCGAN on the built-in shapes at equal CPU time (the
+                   shape classifier's Fréchet distance and class match)
     gpu_check.py   `distgan gpu-check`: what only a GPU can show, one table (docs/gpus.md); `--dry` on the CPU
 
-Imports run one way only: __init__ -> train, data, scale -> common, and gpu_check -> common. No bench imports
+Imports run one way only: __init__ -> train, data, scale, quality -> common, and gpu_check -> common. No bench imports
 this __init__ (`from distgan.bench import timed` would) or a sibling other than common, and common imports no
 sibling: tests/unit/test_bench_package.py checks the graph.
 
@@ -32,9 +35,9 @@ import argparse
 
 
 def main(argv: list[str] | None = None) -> int:
-    from distgan.bench import data, scale, train
+    from distgan.bench import data, quality, scale, train
 
-    benches = {"train": train, "data": data, "scale": scale}
+    benches = {"train": train, "data": data, "scale": scale, "quality": quality}
     p = argparse.ArgumentParser(prog="distgan bench", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
     for bench in benches.values():

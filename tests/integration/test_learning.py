@@ -2,7 +2,7 @@
 conditional run must draw the classes it is asked for (below).
 
 Quality is the Fréchet distance (FD) between real and generated images in the feature space of a shape
-classifier the test trains itself (tests/quality.py; 100% held-out accuracy). Calibration on a 2-core CPU,
+classifier the test trains itself (distgan/metrics/shapes_fd.py; 100% held-out accuracy). Calibration on a 2-core CPU,
 configs/default.yaml for 60 kimg (about a minute):
 
     correct loop, three seeds             FD 129, 143, 145
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import BIN, REPO, cli_env, patience
-from quality import features, frechet_distance, to_float, train_classifier
+from distgan.metrics.shapes_fd import features, frechet_distance, to_float, train_classifier
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.dist]
 
@@ -95,7 +95,7 @@ def _conditional_run(rank, world, shuffle: bool) -> dict:
     other real shapes which class each generated image is."""
     import numpy as np
 
-    from quality import train_classifier
+    from distgan.metrics.shapes_fd import train_classifier
     from support import make_trainer
 
     tr = make_trainer(

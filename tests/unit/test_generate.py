@@ -399,3 +399,61 @@ def test_a_class_the_generator_lacks_is_one_line(cond_run, tmp_path, capsys):
     lines = err.splitlines()
     assert code == 2 and lines == ["distgan generate: error: --class 0,4: the generator has 4 classes (0..3)"]
     assert not (tmp_path / "x.png").exists()
+
+
+# ---------------------------------------------------------------------- StyleGAN2: truncation and style mixing
+
+
+@pytest.fixture(scope="module")
+def style_run(tmp_path_factory):
+    from support import TINY
+
+    run = tmp_path_factory.mktemp("style") / "run"
+    tr = make_trainer(*TINY["stylegan2"], "train.total_kimg=0.032", run_dir=run)
+    with torch.no_grad():  # w_avg away from zero and weights large enough that styles change the image
+        tr.G_ema.module.mapping.w_avg.normal_()
+        for p in tr.G_ema.module.synthesis.parameters():
+            p.mul_(3)
+    tr.fit()
+    return run
+
+
+def _png(path):
+    return np.asarray(Image.open(path))
+
+
+def test_psi_zero_draws_the_average_style_for_every_latent(style_run, tmp_path, capsys):
+    code, out, err = gen("--run", style_run, "--out", tmp_path / "psi0.png", "--num", "4", "--psi", "0", capsys=capsys)
+    assert code == 0, err
+    psi0 = _png(tmp_path / "psi0.png")
+    cells = [psi0[2 + i * 34 : 34 + i * 34, 2:34] for i in range(2)]  # a 2x2 grid of 32x32 with 2-pixel padding
+    assert np.array_equal(cells[0], cells[1])
+    # Control: without truncation the latents differ, and so do the images; and the same seed repeats exactly.
+    assert gen("--run", style_run, "--out", tmp_path / "a.png", "--num", "4", capsys=capsys)[0] == 0
+    assert gen("--run", style_run, "--out", tmp_path / "b.png", "--num", "4", capsys=capsys)[0] == 0
+    a = _png(tmp_path / "a.png")
+    assert not np.array_equal(a[2:34, 2:34], a[36:68, 2:34]) and np.array_equal(a, _png(tmp_path / "b.png"))
+
+
+def test_style_mix_grid_cells_take_coarse_styles_from_the_top_row(style_run, tmp_path, capsys):
+    n, cut = 3, 2
+    code, out, err = gen("--run", style_run, "--out", tmp_path / "mix.png", "--num", n, "--style-mix", cut,
+                         capsys=capsys)  # fmt: skip
+    assert code == 0 and "style-mixing grid" in out, err
+    G = load_generator(style_run / "checkpoints" / "ckpt-000000032" / "generator.safetensors")
+    z = generate.latents(0, 0, 2 * n, G.z_dim)
+    with torch.no_grad():
+        ws = G.mapping(z, None)
+        mixed = torch.cat([ws[n + 1 : n + 2, :cut], ws[2:3, cut:]], dim=1)  # row 2's image with column 1's coarse
+        want = generate.to_uint8(G.synthesis(mixed, noise_mode="const")[0]).numpy()
+        row2 = generate.to_uint8(G.synthesis(ws[2:3], noise_mode="const")[0]).numpy()
+    grid = _png(tmp_path / "mix.png")  # (n+1) x (n+1) cells of 32 + 2 padding
+    cell = lambda r, c: grid[2 + r * 34 : 34 + r * 34, 2 + c * 34 : 34 + c * 34]  # noqa: E731
+    assert np.abs(cell(3, 2).astype(int) - want.astype(int)).max() <= 1  # grid row 3 = source row 2, col 2 = src 1
+    assert np.abs(cell(3, 0).astype(int) - row2.astype(int)).max() <= 1  # the left column: the row sources
+    assert not np.array_equal(cell(3, 2), cell(3, 0))  # the mix is not the row source itself
+
+
+def test_style_options_are_refused_for_a_generator_without_styles(run_dir, tmp_path, capsys):
+    code, _, err = gen("--run", run_dir, "--out", tmp_path / "x.png", "--psi", "0.5", capsys=capsys)
+    assert code == 2 and "--psi needs a generator with a style mapping" in err

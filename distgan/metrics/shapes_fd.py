@@ -1,4 +1,4 @@
-"""A quality measure for the built-in shapes dataset, used by the learning test.
+"""A quality measure for the built-in shapes dataset, used by the learning tests and `distgan bench quality`.
 
 Fréchet distance (as in FID) between real and generated images in the feature space of a small CNN that is
 trained here, in a few seconds, to tell the four shape classes apart. Features that separate circles from
