@@ -101,8 +101,18 @@ def make_steppers(cfg, dist, names=("distgan", "plain")) -> dict:
 
 
 def plain_loop(cfg, images, device, labels=None):
-    """The textbook eager DCGAN step (pytorch/examples/dcgan), on the same networks and data: the reference (a
-    conditional model gets the reals' labels and uniformly drawn labels for its fakes)."""
+    """The textbook eager step of the config's recipe, on the same networks and data: the reference.
+
+    DCGAN's step as pytorch/examples/dcgan writes it (D on reals and fakes, then G fools D on the same fakes). For
+    the other families' recipes the same step also does what their papers' training loops do, written inline from
+    the formulas: the config's loss (hinge, RpGAN, ...), n_critic D steps, lazy R1/R2 every d_reg_interval steps
+    with the interval as gain, StyleGAN2's path length in w every g_reg_interval steps, and Adam's lr and betas
+    rescaled for lazy regularisation. So the ratio measures distgan's framework (phases, Net rules, stats, EMA),
+    not a recipe the reference skips. A conditional model gets the reals' labels and uniformly drawn labels for
+    its fakes.
+    """
+    import math
+
     import torch
     import torch.nn.functional as F
 
@@ -110,33 +120,109 @@ def plain_loop(cfg, images, device, labels=None):
 
     torch.manual_seed(0)
     G, D = build_generator(cfg.model).to(device), build_discriminator(cfg.model).to(device)
-    o = cfg.optim
-    opt_g = torch.optim.Adam(G.parameters(), o.lr_g, betas=(o.beta1, o.beta2))
-    opt_d = torch.optim.Adam(D.parameters(), o.lr_d, betas=(o.beta1, o.beta2))
+    o, lo = cfg.optim, cfg.loss
+    d_reg = lo.r1_gamma > 0 or lo.r2_gamma > 0
+    d_every = lo.d_reg_interval if d_reg else 0
+    g_every = lo.g_reg_interval if lo.pl_weight > 0 else 0
+
+    def adam(params, lr, every):
+        c = every / (every + 1) if every > 1 else 1.0  # lazy regularisation (StyleGAN2, appendix B)
+        return torch.optim.Adam(params, lr * c, betas=(o.beta1**c, o.beta2**c), eps=o.eps)
+
+    opt_g, opt_d = adam(G.parameters(), o.lr_g, g_every), adam(D.parameters(), o.lr_d, d_every)
     data = torch.from_numpy(images)
     b, z_dim = cfg.train.batch, cfg.model.z_dim
-    ones, zeros = torch.ones(b, device=device), torch.zeros(b, device=device)
-
     classes = torch.from_numpy(labels) if labels is not None else None
     k = cfg.model.num_classes if classes is not None else 0
+    on_w = getattr(G, "path_length_on_w", False)
+    pl_mean = torch.zeros([], device=device)
+    count = [0]
+
+    def d_loss(lr, lf):
+        return {
+            "nonsaturating": lambda: F.softplus(-lr).mean() + F.softplus(lf).mean(),
+            "hinge": lambda: F.relu(1 - lr).mean() + F.relu(1 + lf).mean(),
+            "wgan": lambda: lf.mean() - lr.mean(),
+            "lsgan": lambda: 0.5 * (lr - 1).square().mean() + 0.5 * lf.square().mean(),
+            "rpgan": lambda: F.softplus(lf - lr).mean(),
+        }[lo.kind]()
+
+    def g_loss(lf, lr):
+        return {
+            "nonsaturating": lambda: F.softplus(-lf).mean(),
+            "lsgan": lambda: 0.5 * (lf - 1).square().mean(),
+            "rpgan": lambda: F.softplus(lr - lf).mean(),
+        }.get(lo.kind, lambda: -lf.mean())()
+
+    def grad_sq(out, x):  # ||d sum(out) / dx||^2 per sample, graph kept
+        (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+        return g.square().flatten(1).sum(1)
+
+    def r1_r2(real, c_real, real_logits, fake, c_fake, fake_logits):  # inputs with requires_grad, their logits
+        pen = torch.zeros([], device=device)
+        if lo.r1_gamma > 0:
+            pen = pen + grad_sq(real_logits, real).mean() * lo.r1_gamma / 2
+        if lo.r2_gamma > 0:
+            pen = pen + grad_sq(fake_logits, fake).mean() * lo.r2_gamma / 2
+        return pen
+
+    def path_length():
+        nonlocal pl_mean
+        z = torch.randn(b, z_dim, device=device, requires_grad=True)
+        c = torch.randint(k, [b], device=device) if k else None
+        img, wrt = G(z, c, return_ws=True) if on_w else (G(z, c), z)
+        y = torch.randn_like(img) / math.sqrt(img.shape[2] * img.shape[3])
+        (g,) = torch.autograd.grad((img * y).sum(), wrt, create_graph=True)
+        lengths = g.square().sum(2).mean(1).sqrt() if g.ndim == 3 else g.flatten(1).norm(dim=1)
+        pl_mean = pl_mean.lerp(lengths.detach().mean(), lo.pl_decay)
+        return (lengths - pl_mean).square().mean() * lo.pl_weight
 
     def step():
-        idx = torch.randint(len(data), [b])
-        real = data[idx].to(device).float() / 127.5 - 1
-        c_real = classes[idx].to(device) if k else None
-        c_fake = torch.randint(k, [b], device=device) if k else None
-        args = (lambda c: (c,)) if k else (lambda c: ())
-        # D: real and fake batches, one backward each (as pytorch/examples does).
-        opt_d.zero_grad()
-        F.binary_cross_entropy_with_logits(D(real, *args(c_real)), ones).backward()
-        fake = G(torch.randn(b, z_dim, device=device), *args(c_fake))
-        F.binary_cross_entropy_with_logits(D(fake.detach(), *args(c_fake)), zeros).backward()
-        opt_d.step()
-        # G: fool D on the same fakes.
-        opt_g.zero_grad()
-        F.binary_cross_entropy_with_logits(D(fake, *args(c_fake)), ones).backward()
+        i = count[0]
+        count[0] += 1
+        cargs = (lambda c: (c,)) if k else (lambda c: ())
+        for _ in range(lo.n_critic):
+            idx = torch.randint(len(data), [b])
+            real = data[idx].to(device).float() / 127.5 - 1
+            c_real = classes[idx].to(device) if k else None
+            c_fake = torch.randint(k, [b], device=device) if k else None
+            opt_d.zero_grad()
+            fake = G(torch.randn(b, z_dim, device=device), *cargs(c_fake))
+            inline = d_every == 1  # R1/R2 in the main step, on its own logits
+            x_real = real.requires_grad_(True) if inline else real
+            x_fake = fake.detach().requires_grad_(True) if inline else fake.detach()
+            real_logits, fake_logits = D(x_real, *cargs(c_real)), D(x_fake, *cargs(c_fake))
+            loss = d_loss(real_logits, fake_logits)
+            if inline:
+                loss = loss + r1_r2(x_real, c_real, real_logits, x_fake, c_fake, fake_logits)
+            loss.backward()
+            opt_d.step()
+        real = real.detach()
+        if d_every > 1 and i % d_every == 0:  # lazy R1 (reals) and R2 (fakes), weighed by the interval
+            opt_d.zero_grad()
+            x_real, x_fake = real.requires_grad_(True), fake.detach().requires_grad_(True)
+            pen = r1_r2(x_real, c_real, D(x_real, *cargs(c_real)), x_fake, c_fake, D(x_fake, *cargs(c_fake)))
+            (pen * d_every).backward()
+            opt_d.step()
+            real = real.detach()
+        opt_g.zero_grad()  # G fools D on the last D step's fakes
+        for p in D.parameters():
+            p.requires_grad_(False)
+        fake_logits = D(fake, *cargs(c_fake))
+        real_logits = D(real, *cargs(c_real)) if lo.kind == "rpgan" else None
+        loss = g_loss(fake_logits, real_logits)
+        if g_every == 1:
+            loss = loss + path_length()
+        loss.backward()
         opt_g.step()
+        if g_every > 1 and i % g_every == 0:  # lazy path length, weighed by the interval
+            opt_g.zero_grad()
+            (path_length() * g_every).backward()
+            opt_g.step()
+        for p in D.parameters():
+            p.requires_grad_(True)
 
+    step.G, step.D = G, D  # for the tests
     return step
 
 
