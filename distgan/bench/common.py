@@ -104,25 +104,25 @@ def plain_loop(cfg, images, device, labels=None):
     """The textbook eager step of the config's recipe, on the same networks and data: the reference.
 
     DCGAN's step as pytorch/examples/dcgan writes it (D on reals and fakes, then G fools D on the same fakes). For
-    the other families' recipes the same step also does what their papers' training loops do, written inline from
-    the formulas: the config's loss (hinge, RpGAN, ...), n_critic D steps, lazy R1/R2 every d_reg_interval steps
-    with the interval as gain, StyleGAN2's path length in w every g_reg_interval steps, and Adam's lr and betas
-    rescaled for lazy regularisation. So the ratio measures distgan's framework (phases, Net rules, stats, EMA),
-    not a recipe the reference skips. A conditional model gets the reals' labels and uniformly drawn labels for
-    its fakes.
+    the other families' recipes the same step also does what their papers' training loops do: the config's loss
+    (hinge, RpGAN, ...), n_critic D steps, R1/R2 (lazily every d_reg_interval steps with the interval as gain, or in
+    the main step at interval 1), StyleGAN2's path length in w every g_reg_interval steps, and Adam's lr and betas
+    rescaled for lazy regularisation. Losses and penalties are distgan.losses' pure functions (tested against
+    autograd references on their own): what the ratio measures is the framework around them (phases, Net rules,
+    stats, EMA), not a recipe the reference skips. A conditional model gets the reals' labels and uniformly drawn
+    labels for its fakes.
     """
     import math
 
     import torch
-    import torch.nn.functional as F
 
+    from distgan.losses import LOSSES, input_gradients, path_lengths, r1_penalty, r2_penalty
     from distgan.models import build_discriminator, build_generator
 
     torch.manual_seed(0)
     G, D = build_generator(cfg.model).to(device), build_discriminator(cfg.model).to(device)
-    o, lo = cfg.optim, cfg.loss
-    d_reg = lo.r1_gamma > 0 or lo.r2_gamma > 0
-    d_every = lo.d_reg_interval if d_reg else 0
+    o, lo, loss_fns = cfg.optim, cfg.loss, LOSSES[cfg.loss.kind]
+    d_every = lo.d_reg_interval if lo.r1_gamma > 0 or lo.r2_gamma > 0 else 0
     g_every = lo.g_reg_interval if lo.pl_weight > 0 else 0
 
     def adam(params, lr, every):
@@ -134,36 +134,17 @@ def plain_loop(cfg, images, device, labels=None):
     b, z_dim = cfg.train.batch, cfg.model.z_dim
     classes = torch.from_numpy(labels) if labels is not None else None
     k = cfg.model.num_classes if classes is not None else 0
+    cargs = (lambda c: (c,)) if k else (lambda c: ())
     on_w = getattr(G, "path_length_on_w", False)
     pl_mean = torch.zeros([], device=device)
-    count = [0]
+    i = 0
 
-    def d_loss(lr, lf):
-        return {
-            "nonsaturating": lambda: F.softplus(-lr).mean() + F.softplus(lf).mean(),
-            "hinge": lambda: F.relu(1 - lr).mean() + F.relu(1 + lf).mean(),
-            "wgan": lambda: lf.mean() - lr.mean(),
-            "lsgan": lambda: 0.5 * (lr - 1).square().mean() + 0.5 * lf.square().mean(),
-            "rpgan": lambda: F.softplus(lf - lr).mean(),
-        }[lo.kind]()
-
-    def g_loss(lf, lr):
-        return {
-            "nonsaturating": lambda: F.softplus(-lf).mean(),
-            "lsgan": lambda: 0.5 * (lf - 1).square().mean(),
-            "rpgan": lambda: F.softplus(lr - lf).mean(),
-        }.get(lo.kind, lambda: -lf.mean())()
-
-    def grad_sq(out, x):  # ||d sum(out) / dx||^2 per sample, graph kept
-        (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
-        return g.square().flatten(1).sum(1)
-
-    def r1_r2(real, c_real, real_logits, fake, c_fake, fake_logits):  # inputs with requires_grad, their logits
+    def r1_r2(real, real_logits, fake, fake_logits):  # inputs with requires_grad, and their logits
         pen = torch.zeros([], device=device)
         if lo.r1_gamma > 0:
-            pen = pen + grad_sq(real_logits, real).mean() * lo.r1_gamma / 2
+            pen = pen + r1_penalty(input_gradients(real_logits, real)).mean() * lo.r1_gamma / 2
         if lo.r2_gamma > 0:
-            pen = pen + grad_sq(fake_logits, fake).mean() * lo.r2_gamma / 2
+            pen = pen + r2_penalty(input_gradients(fake_logits, fake)).mean() * lo.r2_gamma / 2
         return pen
 
     def path_length():
@@ -172,15 +153,12 @@ def plain_loop(cfg, images, device, labels=None):
         c = torch.randint(k, [b], device=device) if k else None
         img, wrt = G(z, c, return_ws=True) if on_w else (G(z, c), z)
         y = torch.randn_like(img) / math.sqrt(img.shape[2] * img.shape[3])
-        (g,) = torch.autograd.grad((img * y).sum(), wrt, create_graph=True)
-        lengths = g.square().sum(2).mean(1).sqrt() if g.ndim == 3 else g.flatten(1).norm(dim=1)
+        lengths = path_lengths(input_gradients(img * y, wrt))
         pl_mean = pl_mean.lerp(lengths.detach().mean(), lo.pl_decay)
         return (lengths - pl_mean).square().mean() * lo.pl_weight
 
     def step():
-        i = count[0]
-        count[0] += 1
-        cargs = (lambda c: (c,)) if k else (lambda c: ())
+        nonlocal i
         for _ in range(lo.n_critic):
             idx = torch.randint(len(data), [b])
             real = data[idx].to(device).float() / 127.5 - 1
@@ -192,25 +170,24 @@ def plain_loop(cfg, images, device, labels=None):
             x_real = real.requires_grad_(True) if inline else real
             x_fake = fake.detach().requires_grad_(True) if inline else fake.detach()
             real_logits, fake_logits = D(x_real, *cargs(c_real)), D(x_fake, *cargs(c_fake))
-            loss = d_loss(real_logits, fake_logits)
+            loss = loss_fns.d_loss(real_logits, fake_logits)
             if inline:
-                loss = loss + r1_r2(x_real, c_real, real_logits, x_fake, c_fake, fake_logits)
+                loss = loss + r1_r2(x_real, real_logits, x_fake, fake_logits)
             loss.backward()
             opt_d.step()
         real = real.detach()
         if d_every > 1 and i % d_every == 0:  # lazy R1 (reals) and R2 (fakes), weighed by the interval
             opt_d.zero_grad()
             x_real, x_fake = real.requires_grad_(True), fake.detach().requires_grad_(True)
-            pen = r1_r2(x_real, c_real, D(x_real, *cargs(c_real)), x_fake, c_fake, D(x_fake, *cargs(c_fake)))
-            (pen * d_every).backward()
+            (r1_r2(x_real, D(x_real, *cargs(c_real)), x_fake, D(x_fake, *cargs(c_fake))) * d_every).backward()
             opt_d.step()
             real = real.detach()
         opt_g.zero_grad()  # G fools D on the last D step's fakes
         for p in D.parameters():
             p.requires_grad_(False)
         fake_logits = D(fake, *cargs(c_fake))
-        real_logits = D(real, *cargs(c_real)) if lo.kind == "rpgan" else None
-        loss = g_loss(fake_logits, real_logits)
+        real_logits = D(real, *cargs(c_real)) if loss_fns.relativistic else None
+        loss = loss_fns.g_loss(fake_logits, real_logits)
         if g_every == 1:
             loss = loss + path_length()
         loss.backward()
@@ -221,6 +198,7 @@ def plain_loop(cfg, images, device, labels=None):
             opt_g.step()
         for p in D.parameters():
             p.requires_grad_(True)
+        i += 1
 
     step.G, step.D = G, D  # for the tests
     return step

@@ -14,6 +14,7 @@ choose by. It does not rank the families at scale: their papers' results come fr
 
 from __future__ import annotations
 
+import sys
 import time
 
 # CPU-sized networks near DCGAN's channel plan at 32x32 (32 channels at full resolution, doubling per halving,
@@ -60,13 +61,14 @@ def run(args) -> int:
     from distgan.bench.common import bench_stream
     from distgan.config import load_config
     from distgan.data import shapes
-    from distgan.metrics.shapes_fd import features, frechet_distance, to_float, train_classifier
+    from distgan.metrics.shapes_fd import class_match, features, frechet_distance, to_float, train_classifier
     from distgan.training import Trainer
 
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     unknown = [f for f in families if f not in PRESETS]
     if unknown:
-        print(f"distgan bench quality: error: unknown families {unknown} (choose from {list(PRESETS)})")
+        print(f"distgan: error: --families: unknown {', '.join(unknown)} (choose from {', '.join(PRESETS)})",
+              file=sys.stderr)  # fmt: skip
         return 2
     net, acc = train_classifier()
     reals, _ = shapes.generate(args.num, seed=4321, resolution=32)
@@ -75,12 +77,11 @@ def run(args) -> int:
         f"shape classifier: {acc:.1%} held-out accuracy; {args.minutes:g} min of training per family, "
         f"{torch.get_num_threads()} threads, {'unconditional' if args.unconditional else 'conditional (4 classes)'}"
     )
-    dist = None
+    dist = distributed.setup("fp32", threads=0)
     rows = []
     for family in families:
         extra = [] if args.unconditional else ["model.num_classes=4"]
         cfg = load_config(None, [*COMMON, *PRESETS[family], *extra, f"train.seed={args.seed}"]).validate()
-        dist = dist or distributed.setup("fp32", threads=0)
         tr = Trainer(cfg, dist.configured("fp32", "ddp"), bench_stream(cfg))
         n_g = sum(p.numel() for p in tr.G_module.parameters())
         n_d = sum(p.numel() for p in tr.D_module.parameters())
@@ -94,10 +95,7 @@ def run(args) -> int:
         c = None if args.unconditional else torch.arange(args.num) % 4
         fake = tr.sample(z, c).float().clamp(-1, 1)
         fd = frechet_distance(real_feats, features(net, fake))
-        match = None
-        if c is not None:
-            with torch.no_grad():
-                match = float((torch.cat([net(part) for part in fake.split(500)]).argmax(1) == c).float().mean())
+        match = None if c is None else class_match(net, fake, c)[0]
         rows.append((family, n_g, n_d, tr.cur_nimg / 1000, tr.cur_nimg / seconds, fd, match))
         cls = f"  class {match:.2f}" if match is not None else ""
         print(f"  {family:<10} G {n_g / 1e6:5.2f}M  D {n_d / 1e6:5.2f}M  {tr.cur_nimg / 1000:6.1f} kimg  "

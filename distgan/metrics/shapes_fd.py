@@ -76,3 +76,12 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     s1, s2 = np.cov(a, rowvar=False) + ridge, np.cov(b, rowvar=False) + ridge
     covmean = scipy.linalg.sqrtm(s1 @ s2).real
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+@torch.no_grad()
+def class_match(net: ShapeNet, images: torch.Tensor, classes: torch.Tensor) -> tuple[float, list[float]]:
+    """The share of `images` [N, 3, H, W] in [-1, 1] that the classifier puts in the class asked for (`classes` [N]),
+    over all and per class (0.25 = chance for the four shapes)."""
+    pred = torch.cat([net(part).argmax(1) for part in images.split(500)])
+    hit = (pred == classes).float()
+    return hit.mean().item(), [hit[classes == k].mean().item() for k in range(len(shapes.CLASSES))]
