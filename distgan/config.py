@@ -186,6 +186,22 @@ class EvalConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Augmentation of every image D sees, reals and fakes, in every phase (distgan/augment): for small datasets,
+    where D otherwise memorises the reals and training collapses. Never applied to samples, exports or metrics."""
+
+    kind: Literal["none", "diffaug", "ada"] = _f(
+        "none", "none, diffaug (DiffAugment: every image, fixed policy) or ada (adaptive: each op with probability p)"
+    )
+    policy: str = _f("color,translation,cutout", "diffaug: comma-separated: color, translation, cutout")
+    ops: str = _f("bgc", "ada: an op group (bg, bgc, bgcfnc) or name=multiplier pairs, e.g. xflip=1,rotate90=1")
+    p: float = _f(0.0, "ada: the starting probability (fixed when ada_target is 0; schedule.augment_p ramps it)")
+    ada_target: float = _f(0.6, "ada: the overfitting heuristic E[sign(D(real))] aimed for (0 = p fixed or scheduled)")
+    ada_interval: int = _f(4, "ada: adjust p every N steps (from the signs of D's real logits over all ranks)")
+    ada_kimg: float = _f(500.0, "ada: p can move from 0 to 1 within this many kimg")
+
+
+@dataclass
 class Config:
     name: str = _f("", "run name (default: the config file's name)")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -197,6 +213,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     # ------------------------------------------------------------------ validation
     def problems(self, world_size: int = 1) -> list[str]:
@@ -271,6 +288,7 @@ class Config:
         need(t.sample_num >= 1, f"train.sample_num={t.sample_num} must be >= 1")
         need(t.threads >= 0, f"train.threads={t.threads} must be >= 0")
         out += _eval_problems(self.eval)
+        out += _augment_problems(self.augment, self.schedule)
         out += schedule_problems(self)
         return out
 
@@ -320,6 +338,27 @@ def describe_batch(cfg: Config, world_size: int) -> list[str]:
             f"~16 (raise train.batch to {16 * world_size * accum}+ for {procs}, or use model.{m.family}.norm=none)"
         )
     return lines
+
+
+def _augment_problems(a: AugmentConfig, sched) -> list[str]:
+    from distgan.augment import build_pipe
+
+    out = []
+    try:
+        build_pipe(a.kind, a.policy, a.ops)
+    except ValueError as e:
+        out.append(f"augment.{'policy' if a.kind == 'diffaug' else 'ops'}: {e}")
+    if not 0 <= a.p <= 1:
+        out.append(f"augment.p={a.p} must be in [0, 1]")
+    if not 0 <= a.ada_target < 1:
+        out.append(f"augment.ada_target={a.ada_target} must be in [0, 1) (0: p fixed or scheduled)")
+    if a.ada_interval < 1:
+        out.append(f"augment.ada_interval={a.ada_interval} must be >= 1")
+    if a.ada_kimg <= 0:
+        out.append(f"augment.ada_kimg={a.ada_kimg} must be > 0")
+    if sched.augment_p.shape != "constant" and (a.kind != "ada" or a.ada_target > 0):
+        out.append("schedule.augment_p ramps ada's p: it needs augment.kind=ada and augment.ada_target=0")
+    return out
 
 
 def _eval_problems(e: EvalConfig) -> list[str]:

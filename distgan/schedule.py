@@ -1,4 +1,5 @@
-"""Hyper-parameters that change with training progress: lr, Adam's beta2, the R1/R2 weights, G_ema's half-life.
+"""Hyper-parameters that change with training progress: lr, Adam's beta2, the R1/R2 weights, G_ema's half-life,
+the augmentation probability.
 
 Each is a ramp from its usual config value (optim.lr_g, loss.r1_gamma, train.ema_kimg, ...) to `end`, over the
 first `kimg` thousand images (0 = the whole run, train.total_kimg), and flat at `end` afterwards:
@@ -25,6 +26,7 @@ RAMPED = {  # schedule.<name>: the config value it starts from
     "r1_gamma": "loss.r1_gamma",
     "r2_gamma": "loss.r2_gamma",
     "ema_kimg": "train.ema_kimg",
+    "augment_p": "augment.p",
 }
 
 
@@ -53,6 +55,7 @@ class ScheduleConfig:
     r1_gamma: Ramp = _ramp("the R1 weight, from loss.r1_gamma")
     r2_gamma: Ramp = _ramp("the R2 weight, from loss.r2_gamma")
     ema_kimg: Ramp = _ramp("G_ema's half-life, from train.ema_kimg")
+    augment_p: Ramp = _ramp("ada's augmentation probability, from augment.p (with augment.ada_target=0)")
 
 
 def ramp_value(start: float, ramp: Ramp, kimg: float, total_kimg: float) -> float:
@@ -67,7 +70,8 @@ def ramp_value(start: float, ramp: Ramp, kimg: float, total_kimg: float) -> floa
 
 
 def values(cfg, cur_nimg: int) -> dict[str, float]:
-    """Every ramped hyper-parameter at `cur_nimg` images: {lr_g, lr_d, beta2, r1_gamma, r2_gamma, ema_kimg}."""
+    """Every ramped hyper-parameter at `cur_nimg` images: {lr_g, lr_d, beta2, r1_gamma, r2_gamma, ema_kimg,
+    augment_p}."""
     out = {}
     for name, source in RAMPED.items():
         section, _, key = source.partition(".")
@@ -90,6 +94,8 @@ def problems(cfg) -> list[str]:
             out.append(f"schedule.{name} ramps a penalty that is off ({RAMPED[name]}=0): set {RAMPED[name]} > 0")
         elif name == "beta2" and not 0 <= r.end < 1:
             out.append(f"schedule.beta2.end={r.end} must be in [0, 1)")
+        elif name == "augment_p" and not 0 <= r.end <= 1:
+            out.append(f"schedule.augment_p.end={r.end} must be in [0, 1]")
         elif name.startswith("lr") and r.end <= 0:
             out.append(f"schedule.{name}.end={r.end} must be > 0")
         elif r.end < 0:

@@ -24,7 +24,19 @@ from urllib.parse import urlparse
 # The dashboard's panel sections, one per first part of a key ("Loss/D/main" is in Loss). Each network's own
 # health (its gradient norm, loss scale, skipped updates) stays in the network's section, D/ or G/: that is where
 # you look when one of them misbehaves, and it mirrors the code (one optimizer and one scaler per network).
-GROUPS = ("Loss/", "D/", "G/", "Progress/", "Timing/", "Memory/", "Metrics/", "Data/", "Samples/")
+GROUPS = (
+    "Loss/",
+    "D/",
+    "G/",
+    "Schedule/",
+    "Augment/",
+    "Progress/",
+    "Timing/",
+    "Memory/",
+    "Metrics/",
+    "Data/",
+    "Samples/",
+)
 STEP_METRIC = "Progress/kimg"
 ALERT_WAIT_S = 600  # W&B sends an alert of the same title at most once per this many seconds (server side)
 

@@ -24,6 +24,7 @@ if __name__ == "__main__" and not __package__:
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from distgan import launcher, schedule  # noqa: E402
+from distgan.augment import controller as augment_controller  # noqa: E402
 from distgan.config import (  # noqa: E402
     describe_batch,
     field_index,
@@ -157,8 +158,9 @@ def _run(cfg, dist, run_dir_arg, resume, allow_config_change) -> dict:
     console.print(f"distgan {__version__}: {dist.describe()}")
     for line in describe_batch(cfg, dist.world_size):
         console.print(line)
-    if (ramps := schedule.describe(cfg)) is not None:
-        console.print(ramps)
+    for line in (schedule.describe(cfg), augment_controller.describe(cfg)):
+        if line is not None:
+            console.print(line)
     console.print(f"run dir: {run_dir}")
 
     # Find the checkpoint to resume from (rank 0 verifies, everyone loads it), check it belongs to this config.

@@ -77,11 +77,11 @@ def bench_data(cfg, num: int = 2048):
     return images, (labels % k if isinstance(k, int) and k > 0 else None)
 
 
-def bench_stream(cfg, rank: int = 0, world: int = 1, **kwargs):
-    """An ArrayStream of bench_data: what every bench trains on."""
+def bench_stream(cfg, rank: int = 0, world: int = 1, num: int = 2048, **kwargs):
+    """An ArrayStream of bench_data (`num` shapes): what every bench trains on."""
     from distgan.data import ArrayStream
 
-    images, labels = bench_data(cfg)
+    images, labels = bench_data(cfg, num)
     return ArrayStream(images, cfg.train.batch, rank, world, cfg.train.seed, labels=labels, **kwargs)
 
 

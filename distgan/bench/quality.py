@@ -1,6 +1,6 @@
 """`distgan bench quality`: every model family against DCGAN on the built-in shapes, at equal CPU wall-clock.
 
-Each family trains class-conditionally on in-memory shapes (32x32, 4 classes) for the same number of seconds,
+Each family trains class-conditionally on 2048 in-memory shapes (32x32, 4 classes) for the same number of seconds,
 with a CPU-sized network and its own loss and optimiser (PRESETS below, each from its paper's small-data
 recipe), then G_ema is measured with the shape classifier of distgan/metrics/shapes_fd.py:
 
@@ -41,17 +41,39 @@ PRESETS = {
         "optim.lr_g=2e-4", "optim.lr_d=2e-4", "optim.beta1=0", "optim.beta2=0.99",
     ],
 }  # fmt: skip
-COMMON = ["model.resolution=32", "model.z_dim=64", "data.source=shapes", "data.num_images=20000",
+COMMON = ["model.resolution=32", "model.z_dim=64", "data.source=shapes", "data.num_images=2048",
           "train.batch=64", "train.total_kimg=100000", "train.ema_kimg=5", "train.progress=none"]  # fmt: skip
 
 
+# --limited: augmentation on little data (distgan/augment), DCGAN's preset with R1 at equal kimg. ADA's ada_kimg
+# (500 in the paper, for runs of thousands of kimg) is scaled to a run of tens: p can cross [0, 1] within 10 kimg;
+# its target is the one calibrated for DCGAN's D in tests/integration/test_augment_run.py (0.6 is StyleGAN2's).
+LIMITED = ["loss.r1_gamma=1", "loss.d_reg_interval=4"]
+AUGMENTS = {
+    "none": [],
+    "diffaug": ["augment.kind=diffaug", "augment.policy=color,translation,cutout"],
+    "ada": ["augment.kind=ada", "augment.ops=bgc", "augment.ada_kimg=10", "augment.ada_target=0.85"],
+}
+
+
 def add_parser(sub) -> None:
-    p = sub.add_parser("quality", help="every family vs DCGAN on the built-in shapes at equal CPU time")
+    p = sub.add_parser("quality", help="every family vs DCGAN on the built-in shapes at equal CPU time; "
+                                       "or, with --limited N, augmentation on N images")  # fmt: skip
     p.add_argument("--families", default=",".join(PRESETS), help="comma-separated (default: all)")
     p.add_argument("--minutes", type=float, default=3.0, help="training time per family (default 3)")
     p.add_argument("--unconditional", action="store_true", help="train without labels (no class figure)")
     p.add_argument("--num", type=int, default=2000, help="generated images measured per family (default 2000)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--limited",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead: DCGAN on only N shapes, without augmentation, with DiffAugment and with ADA",
+    )
+    p.add_argument("--kimg", type=float, default=60.0, help="--limited: kimg per run (default 60)")
+    p.add_argument("--seeds", type=int, default=2, help="--limited: training seeds per kind (default 2)")
+    p.add_argument("--augments", default=",".join(AUGMENTS), help="--limited: comma-separated (default: all)")
 
 
 def run(args) -> int:
@@ -70,6 +92,8 @@ def run(args) -> int:
         print(f"distgan: error: --families: unknown {', '.join(unknown)} (choose from {', '.join(PRESETS)})",
               file=sys.stderr)  # fmt: skip
         return 2
+    if args.limited:
+        return run_limited(args)
     net, acc = train_classifier()
     reals, _ = shapes.generate(args.num, seed=4321, resolution=32)
     real_feats = features(net, to_float(reals))
@@ -108,4 +132,66 @@ def run(args) -> int:
         print(f"| {family} | {n_g / 1e6:.2f}M | {n_d / 1e6:.2f}M | {kimg:.1f} | {ips:.0f} | {fd:.1f} | {cm} |")
     best = min(rows, key=lambda r: r[5])
     print(f"\nlowest FD at equal time: {best[0]}")
+    return 0
+
+
+def run_limited(args) -> int:
+    """Augmentation on little data: DCGAN on `--limited` shapes for `--kimg` each, with each of AUGMENTS and
+    `--seeds` training seeds; the FD is against shapes from the whole distribution (the N training images are a
+    sample of it), so a D that memorises its N reals and a G that copies them both show."""
+    import statistics
+
+    import torch
+
+    from distgan import distributed
+    from distgan.bench.common import bench_stream
+    from distgan.config import load_config
+    from distgan.data import shapes
+    from distgan.metrics.shapes_fd import features, frechet_distance, to_float, train_classifier
+    from distgan.training import Trainer
+
+    kinds = [k.strip() for k in args.augments.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in AUGMENTS]
+    if unknown or args.limited < 1 or args.seeds < 1:
+        what = f"--augments: unknown {', '.join(unknown)} (choose from {', '.join(AUGMENTS)})" if unknown else (
+            "--limited and --seeds must be >= 1")  # fmt: skip
+        print(f"distgan: error: {what}", file=sys.stderr)
+        return 2
+    net, acc = train_classifier()
+    reals, _ = shapes.generate(args.num, seed=4321, resolution=32)
+    real_feats = features(net, to_float(reals))
+    print(f"shape classifier: {acc:.1%} held-out accuracy; DCGAN on {args.limited} shapes, {args.kimg:g} kimg per "
+          f"run, {args.seeds} seed(s) per kind, {torch.get_num_threads()} threads")  # fmt: skip
+    dist = distributed.setup("fp32", threads=0)
+    fds: dict[str, list[float]] = {}
+    for kind in kinds:
+        for seed in range(args.seed, args.seed + args.seeds):
+            over = [*COMMON, *PRESETS["dcgan"], *LIMITED, f"data.num_images={args.limited}", f"train.seed={seed}",
+                    *AUGMENTS[kind]]  # fmt: skip
+            cfg = load_config(None, over).validate()
+            tr = Trainer(cfg, dist.configured("fp32", "ddp"), bench_stream(cfg, num=args.limited))
+            start = time.perf_counter()
+            while tr.cur_nimg < args.kimg * 1000:
+                tr.train_step(*tr.draw())
+            seconds = time.perf_counter() - start
+            tr.sync_buffers()
+            z = torch.randn(args.num, cfg.model.z_dim, generator=torch.Generator().manual_seed(123))
+            fd = frechet_distance(real_feats, features(net, tr.sample(z, None).float().clamp(-1, 1)))
+            fds.setdefault(kind, []).append(fd)
+            p = f"  p {tr.augment.p.item():.2f}" if tr.augment.p is not None else ""
+            print(f"  {kind:<8} seed {seed}  {tr.cur_nimg / 1000:5.1f} kimg  {tr.cur_nimg / seconds:5.0f} img/s  "
+                  f"FD {fd:7.1f}{p}", flush=True)  # fmt: skip
+            tr.stream.close()
+    print("\n| augmentation | FD per seed | mean | spread (max - min) |")
+    print("| --- | --- | --- | --- |")
+    for kind, values in fds.items():
+        per = ", ".join(f"{v:.1f}" for v in values)
+        print(f"| {kind} | {per} | {statistics.mean(values):.1f} | {max(values) - min(values):.1f} |")
+    if "none" in fds and len(fds) > 1:
+        spread = max(max(v) - min(v) for v in fds.values())
+        best = min((k for k in fds if k != "none"), key=lambda k: statistics.mean(fds[k]))
+        gain = statistics.mean(fds["none"]) - statistics.mean(fds[best])
+        verdict = "more" if gain > spread else "not more"
+        print(f"\nbest augmentation: {best}, FD {gain:.1f} below none: {verdict} than the largest spread between "
+              f"seeds ({spread:.1f})")  # fmt: skip
     return 0

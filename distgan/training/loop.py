@@ -282,7 +282,7 @@ def _evaluate(tr, evaluator) -> dict[str, float]:
 
 def _short(values: dict[str, float]) -> dict[str, str]:
     """The few numbers the progress bar shows."""
-    keys = {"Timing/img_per_sec": "img/s", "Loss/D/main": "D", "Loss/G/main": "G"}
+    keys = {"Timing/img_per_sec": "img/s", "Loss/D/main": "D", "Loss/G/main": "G", "Augment/p": "p"}
     return {label: f"{values[k]:.3g}" for k, label in keys.items() if k in values}
 
 

@@ -13,7 +13,7 @@ N times as much (gain), and Adam's lr and betas are rescaled for lazy regularisa
 
     run_G(z, c, how)   every generator forward: "train" (G's phase, graph kept), "plain" (no grad: fakes for D),
                        "penalty" (G's path length: the latent's gradient is taken)
-    run_D(x, c, how)   every discriminator forward: "train" (D's phase), "penalty" (R1, GP: the input's gradient
+    run_D(x, c, how, gen)  every discriminator forward: "train" (D's phase), "penalty" (R1, GP: the input's gradient
                        is taken), "frozen" (D in G's phase)
 
 Every forward passes through these two, so what must happen to every G or D input happens in one place: the
@@ -85,6 +85,7 @@ class GANStep:
         self.pl_mean = torch.zeros([], device=self.device)
         self.fakes: list[torch.Tensor] = []  # the last D_main's fakes, per micro-batch (with graph when reused)
         self.class_probs: torch.Tensor | None = None  # generated labels' distribution (trainer sets it)
+        self.augment = None  # D's input augmentation (distgan/augment; the trainer sets it when augment.kind is set)
         lo = cfg.loss
         self.inline_d_reg = d_regularised(lo) and lo.d_reg_interval == 1
         # The penalties' weights: the config's, or their ramps' values at this step (the trainer sets them).
@@ -101,7 +102,9 @@ class GANStep:
                 return self.G.module(z, c)
             return self.G.penalty(z, c, **kwargs) if how == "penalty" else self.G(z, c)
 
-    def run_D(self, x: torch.Tensor, c: torch.Tensor | None, how: str = "train") -> torch.Tensor:
+    def run_D(self, x: torch.Tensor, c: torch.Tensor | None, how: str, gen: torch.Generator) -> torch.Tensor:
+        if self.augment is not None:  # every image D sees, reals and fakes, in every phase (differentiable)
+            x = self.augment(x, gen)
         with self.precision.autocast():
             if how == "frozen":
                 return self.D.frozen(x, c)
@@ -117,7 +120,7 @@ class GANStep:
         if lo.r1_gamma > 0:
             if real_logits is None:
                 real = real.detach().requires_grad_(True)
-                real_logits = self.run_D(real, real_c, "penalty")
+                real_logits = self.run_D(real, real_c, "penalty", gen)
             r1 = r1_penalty(input_gradients(real_logits, real, scale))  # [b]
             self.stats.report("Loss/D/r1", r1)
             # `real_logits * 0` ties every D parameter into this backward, as DDP requires.
@@ -125,14 +128,14 @@ class GANStep:
         if lo.r2_gamma > 0:
             if fake_logits is None:
                 fake = fake.detach().float().requires_grad_(True)
-                fake_logits = self.run_D(fake, fake_c, "penalty")
+                fake_logits = self.run_D(fake, fake_c, "penalty", gen)
             r2 = r2_penalty(input_gradients(fake_logits, fake, scale))  # [b]
             self.stats.report("Loss/D/r2", r2)
             total = total + r2.mean() * (self.r2_gamma / 2) * gain + fake_logits.float().mean() * 0
         if lo.gp_weight > 0:
             u = torch.rand([real.shape[0], 1, 1, 1], generator=gen, device=self.device)
             x_hat = torch.lerp(real.detach(), fake.detach().float(), u).requires_grad_(True)
-            logits = self.run_D(x_hat, real_c, "penalty")
+            logits = self.run_D(x_hat, real_c, "penalty", gen)
             gp = gradient_penalty(input_gradients(logits, x_hat, scale))  # [b]
             self.stats.report("Loss/D/gp", gp)
             total = total + gp.mean() * lo.gp_weight * gain + logits.float().mean() * 0
@@ -189,12 +192,14 @@ def d_main(s: GANStep, mb: MicroBatch, gen) -> torch.Tensor:
     # R1/R2 in the main step share the main step's logits (their inputs then need gradients).
     real = mb.real.detach().requires_grad_(True) if r1 else mb.real
     fake = fake.detach().requires_grad_(True) if r2 else fake.detach()
-    real_logits = s.run_D(real, mb.real_c, "penalty" if r1 else "train")  # [b]
-    fake_logits = s.run_D(fake, mb.fake_c, "penalty" if r2 else "train")  # [b]
+    real_logits = s.run_D(real, mb.real_c, "penalty" if r1 else "train", gen)  # [b]
+    fake_logits = s.run_D(fake, mb.fake_c, "penalty" if r2 else "train", gen)  # [b]
     loss = s.loss.d_loss(real_logits.float(), fake_logits.float())
     s.stats.report("Loss/D/main", loss)
     s.stats.report("D/real_logit", real_logits)
     s.stats.report("D/fake_logit", fake_logits)
+    if s.augment is not None:
+        s.augment.observe(real_logits)  # ADA's overfitting heuristic
     # D(x) and D(G(z)): the mean probability D gives a real and a fake of being real (0.5 each when D is lost).
     s.stats.report("D/real_prob", torch.sigmoid(real_logits.detach().float()))
     s.stats.report("D/fake_prob", torch.sigmoid(fake_logits.detach().float()))
@@ -212,8 +217,8 @@ def d_reg_loss(s: GANStep, mb: MicroBatch, gen) -> torch.Tensor:
 def g_main(s: GANStep, mb: MicroBatch, gen) -> torch.Tensor:
     """G learns to fool D (frozen), on the last D step's fakes or regenerated from its latents."""
     fake = s.fakes[mb.index] if s.reuse else s.run_G(mb.z, mb.fake_c, "train")
-    fake_logits = s.run_D(fake, mb.fake_c, "frozen")
-    real_logits = s.run_D(mb.real, mb.real_c, "frozen").float() if s.loss.relativistic else None
+    fake_logits = s.run_D(fake, mb.fake_c, "frozen", gen)
+    real_logits = s.run_D(mb.real, mb.real_c, "frozen", gen).float() if s.loss.relativistic else None
     loss = s.loss.g_loss(fake_logits.float(), real_logits)
     s.stats.report("Loss/G/main", loss)
     if s.inline_g_reg:

@@ -5,10 +5,11 @@
     tr.fit(tracker, stop, watchdog)  # the loop (loop.py): steps, logs, snapshots, checkpoints, to total_kimg
 
 What it holds: G and D (plain modules, and the `Net` handles that wrap them in DDP or a DeepSpeed engine under the
-strategy `dist` carries), G_ema, one Adam per network, the step (step.py), the non-finite guard (guard.py), the
-snapshots (snapshots.py), the stats collector, and the registry of every stateful part (state.py), which is all a
-checkpoint saves and loads. Progress is counted in real images shown to D (`cur_nimg`); all random numbers of a
-step derive from (seed, rank, cur_nimg) so a resumed run draws what the uninterrupted run drew.
+strategy `dist` carries), G_ema, one Adam per network, the step (step.py), D's input augmentation and ADA's controller
+(distgan/augment), the non-finite guard (guard.py), the snapshots (snapshots.py), the stats collector, and the registry
+of every stateful part (state.py), which is all a checkpoint saves and loads. Progress is counted in real images shown
+to D (`cur_nimg`); all random numbers of a step derive from (seed, rank, cur_nimg) so a resumed run draws what the
+uninterrupted run drew.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from distgan import faults, launcher, rng, schedule
+from distgan.augment.controller import Augmentation
 from distgan.checkpoint import load_file, rank_file, read_manifest
 from distgan.config import micro_batches
 from distgan.distributed.nets import make_adam
@@ -72,6 +74,7 @@ class Trainer:
                         "D": self._adam_hparams(o.lr_d, self._reg_interval["D"])}  # fmt: skip
         # Ramped hyper-parameters (schedule.*): set at every step when any ramps.
         self.scheduled = schedule.describe(cfg) is not None
+        self._ramped = [name for name in schedule.RAMPED if getattr(cfg.schedule, name).shape != "constant"]
         self.ema_kimg = cfg.train.ema_kimg
         self.opt_G = make_adam(self.G_module.parameters(), **self.hparams["G"], device=self.device)
         self.opt_D = make_adam(self.D_module.parameters(), **self.hparams["D"], device=self.device)
@@ -91,6 +94,8 @@ class Trainer:
         self.phases = phases(cfg)
         self.step = GANStep(cfg, self.G, self.D, LOSSES[lo.kind], self.precision, self.stats, dist, self.micro,
                             self.accum)  # fmt: skip
+        self.augment = Augmentation(cfg, dist, self.stats)
+        self.step.augment = self.augment if self.augment.pipe is not None else None
         if class_probs is not None:
             self.step.class_probs = torch.as_tensor(class_probs, dtype=torch.float32, device=self.device)
         self.guard = NonFiniteGuard(self.device)
@@ -117,6 +122,9 @@ class Trainer:
         self.rng_state = _RNGState(self.device)
         self.state.register("rng", self.rng_state, scope="rank")
         self.state.register("stream", _StreamPosition(self), scope="rank")
+        # (Checkpoints from before augmentation have neither part: p then starts at augment.p, the sums at 0.)
+        self.state.register("augment", self.augment, version=self.augment.version, missing=lambda: None)
+        self.state.register("augment_sums", self.augment.rank_part(), scope="rank", missing=lambda: None)
 
     def _adam_hparams(self, lr: float, reg_interval: int | None, beta2: float | None = None) -> dict:
         # Lazy regularisation steps the optimizer interval+1 times per interval steps: rescale lr and betas so
@@ -137,6 +145,9 @@ class Trainer:
                 group["lr"], group["betas"] = hp["lr"], hp["betas"]
         self.step.r1_gamma, self.step.r2_gamma = v["r1_gamma"], v["r2_gamma"]
         self.ema_kimg = v["ema_kimg"]
+        self.augment.set_p(v["augment_p"])
+        for name in self._ramped:  # the dashboard's Schedule/ panels: the values this interval trained with
+            self.stats.report(f"Schedule/{name}", v[name])
 
     # the loss functions, the skip counters: attributes of the parts that own them
     @property
@@ -202,6 +213,7 @@ class Trainer:
         step_nimg = self.cfg.train.batch * n_critic
         self.cur_nimg += step_nimg
         self.step_idx += 1
+        self.augment.after_step(self.step_idx)
         t = self.cfg.train
         self.G_ema.update(ema_beta(step_nimg, self.cur_nimg, self.ema_kimg, t.ema_rampup))
 

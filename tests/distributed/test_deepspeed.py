@@ -49,6 +49,11 @@ CONFIGS = {
     "stylegan2: lazy R1, path length on w, conditional": [*TINY["stylegan2"], "model.num_classes=auto"],
     "biggan: hinge, spectral norm, bf16": [*TINY["biggan"], "train.precision=bf16"],
     "r3gan: pairing loss, R1 + R2, schedules, conditional": [*TINY["r3gan"], "model.num_classes=auto"],
+    # augmentation: every ADA op on D's inputs (R1 through it), its p moving every step
+    "ada, every op, R1 in the main step, bf16": [
+        "augment.kind=ada", "augment.ops=bgcfnc", "augment.p=0.5", "augment.ada_interval=1", "augment.ada_kimg=0.1",
+        "loss.r1_gamma=1", "loss.d_reg_interval=1", "train.precision=bf16",
+    ],
 }  # fmt: skip
 STRATEGIES = ("ddp", "zero1", "zero2")
 # Configs where ZeRO and DDP agree up to float rounding rather than bit for bit (measured over 5 steps). StyleGAN2:

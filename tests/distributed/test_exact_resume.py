@@ -37,6 +37,14 @@ pytestmark = pytest.mark.dist
 
 N = 12  # steps of 16 images
 SEGMENTS = (6, 9, 12)
+# Augmentation cases: ADA with every op group from p = 0.2, its controller moving p every 4 steps by 16 * 4 / 500
+# (so both resume points, after steps 6 and 9, fall between two moves: each rank's partial sums travel in its rank
+# file); DiffAugment with all three policies.
+AUGMENT = {
+    "ada": ("augment.kind=ada", "augment.ops=bgcfnc", "augment.p=0.2", "augment.ada_interval=4",
+            "augment.ada_kimg=0.5"),
+    "diffaug": ("augment.kind=diffaug",),
+}  # fmt: skip
 
 
 def _args(folder, end_step, strategy):
@@ -46,6 +54,7 @@ def _args(folder, end_step, strategy):
         f"dist.strategy={strategy}",
         *(["model.num_classes=auto"] if "classes" in extras else []),
         *(o for e in extras if e in TINY for o in TINY[e]),
+        *(o for e in extras if e in AUGMENT for o in AUGMENT[e]),
         "data.source=shards",
         f"data.shards={folder}",
         "data.workers=1",
@@ -89,6 +98,7 @@ def _snapshot(tr) -> dict:
         "buffers": _digest(bufs),
         "opt_G": _opt_digest(tr.opt_G),
         "opt_D": _opt_digest(tr.opt_D),
+        "p": None if tr.augment.p is None else _bits(tr.augment.p),
     }
 
 
@@ -134,7 +144,8 @@ def _segment(dist, folder, strategy, run_dir, end_step, resume, control):
      # the other families, each with what it carries across a resume: StyleGAN2 its w_avg, noise and style-mixing
      # draws (torch's generator, in the rank state) and path-length mean; BigGAN spectral norm's u and v and
      # BatchNorm statistics; R3GAN its ramped lr and R1 weight (functions of the images seen)
-     "ddp+stylegan2+classes", "ddp+biggan+classes", "ddp+r3gan"],
+     # augmentation too (ADA's p and each rank's partial sums; DiffAugment's draws from the step's generator)
+     "ddp+stylegan2+classes", "ddp+biggan+classes+ada", "ddp+r3gan+diffaug"],
 )  # fmt: skip
 def test_stopped_twice_and_resumed_equals_straight_bit_for_bit(tmp_path, strategy):
     if strategy.startswith("zero"):
@@ -182,10 +193,15 @@ def test_stopped_twice_and_resumed_equals_straight_bit_for_bit(tmp_path, strateg
     for step, r0 in straight[0]["steps"].items():
         r1 = straight[1]["steps"][step]
         assert r0["loss_D"] != r1["loss_D"] and r0["loss_G"] != r1["loss_G"], step
-        for key in ("G", "D", "G_ema"):
+        for key in ("G", "D", "G_ema", "p"):  # ADA's p: the same on every rank at every step
             assert r0[key] == r1[key], (step, key)
         for key in ("opt_G", "opt_D"):
             assert (r0[key] == r1[key]) == strategy.startswith("ddp"), (step, key)
     # And the networks did train: every step changed them.
     digests = [straight[0]["steps"][s]["D"] for s in range(1, N + 1)]
     assert len(set(digests)) == N
+    if "+ada" in strategy:  # p moved, and only at the controller's steps (4, 8, 12)
+        ps = [straight[0]["steps"][s]["p"] for s in range(1, N + 1)]
+        ps = [torch.tensor(0.2).item(), *torch.tensor(ps, dtype=torch.int32).view(torch.float32).tolist()]
+        moves = [s for s in range(1, N + 1) if ps[s] != ps[s - 1]]
+        assert moves and set(moves) <= {4, 8, 12}, ps

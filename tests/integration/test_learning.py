@@ -1,5 +1,5 @@
-"""Does the GAN learn? A short run on the built-in shapes must beat a calibrated quality threshold; a short
-conditional run must draw the classes it is asked for (below).
+"""Does the GAN learn? A short run on the built-in shapes must beat a calibrated quality threshold; so must a
+shorter one of every other family (below); a short conditional run must draw the classes it is asked for.
 
 Quality is the Fréchet distance (FD) between real and generated images in the feature space of a shape
 classifier the test trains itself (distgan/metrics/shapes_fd.py; 100% held-out accuracy). Calibration on a 2-core CPU,
@@ -85,9 +85,10 @@ def test_short_run_learns_shapes(tmp_path):
 # shapes with their 4 classes, two runs side by side at 1 thread each, ~4 min): the share of generated images of
 # class c that the shape classifier assigns to c, over 250 per class:
 #     100 kimg: 0.93;  150 kimg: 0.96 and 0.95 (train.seed 0 and 1);  shuffled labels, 150 kimg: 0.23 (chance: 0.25)
-# The threshold of 0.90 sits 5 points below the calibrated runs and far above the control.
-COND_KIMG = 150
-COND_THRESHOLD = 0.90
+# The test runs 100 kimg (a minute and a half less than 150) against a threshold of 0.85: 8 points below the calibrated
+# run and far above the control.
+COND_KIMG = 100
+COND_THRESHOLD = 0.85
 
 
 def _conditional_run(rank, world, shuffle: bool) -> dict:
@@ -117,7 +118,7 @@ def _conditional_run(rank, world, shuffle: bool) -> dict:
 
 
 def test_conditional_dcgan_draws_the_class_asked_for():
-    """Conditional DCGAN on the built-in shapes: generated images of class c are classified as c in at least 90% of
+    """Conditional DCGAN on the built-in shapes: generated images of class c are classified as c in at least 85% of
     cases; the control, the same training with every label moved to another image, must fail that (the model can
     then only learn that labels mean nothing)."""
     import threading
@@ -143,5 +144,67 @@ def test_conditional_dcgan_draws_the_class_asked_for():
     trained, control = out[False], out[True]
     print(f"\nclass match: {trained['match']:.3f} {trained['per_class']}; shuffled labels: {control['match']:.3f}")
     assert trained["accuracy"] > 0.95  # the classifier knows the shapes
-    assert trained["match"] >= COND_THRESHOLD and min(trained["per_class"]) > 0.8
+    assert trained["match"] >= COND_THRESHOLD and min(trained["per_class"]) > 0.7
     assert control["match"] < COND_THRESHOLD
+
+
+# ---------------------------------------------------------------------- every family
+
+# Each family on 2048 in-memory shapes (unconditional), with `distgan bench quality`'s CPU-sized network and
+# its own loss and optimiser (distgan/bench/quality.py: PRESETS), for FAMILY_KIMG, then G_ema's FD on 2000 samples.
+# Calibration on the 2-core CPU (FD; seeds 0 and 1; the controls with seed 0):
+#
+#                 kimg   correct      untrained G   G's loss sign flipped   threshold
+#     stylegan2   2      458, 565      20888         27001                   2000
+#     biggan      8      1479, 2687    20395         28895                   6000
+#     r3gan       2      519, 579      6286          27001                   2000
+#
+# Each threshold sits 2.2-3.5x above the worst correct run and 3x or more below every control. A family only learns
+# this fast on 2 cores at a CPU size, far from its published results; what the test asks is
+# that the whole path (network, loss, penalties, optimiser recipe, EMA) learns the shapes at all, which every broken
+# variant above fails by an order of magnitude. The untrained G is the control the test runs (the broken runs cost a
+# run each); it is also what "G's update never applied" trains.
+FAMILY_KIMG = {"stylegan2": 2, "biggan": 8, "r3gan": 2}
+FAMILY_THRESHOLD = {"stylegan2": 2000.0, "biggan": 6000.0, "r3gan": 2000.0}
+
+
+def _family_run(rank, world, family: str) -> dict:
+    from distgan import distributed
+    from distgan.bench.common import bench_stream
+    from distgan.bench.quality import COMMON, PRESETS
+    from distgan.config import load_config
+    from distgan.data import shapes
+    from distgan.training import Trainer
+
+    dist = distributed.setup("fp32", threads=0)
+    cfg = load_config(None, [*COMMON, *PRESETS[family], "train.seed=0"]).validate()
+    tr = Trainer(cfg, dist.configured("fp32", "ddp"), bench_stream(cfg))
+    untrained = tr.sample(*_latents(cfg)).float().clamp(-1, 1)
+    while tr.cur_nimg < FAMILY_KIMG[family] * 1000:
+        tr.train_step(*tr.draw())
+    tr.sync_buffers()
+    trained = tr.sample(*_latents(cfg)).float().clamp(-1, 1)
+    net, accuracy = train_classifier()
+    reals, _ = shapes.generate(N, seed=4321, resolution=32)
+    real_feats = features(net, to_float(reals))
+    return {
+        "accuracy": accuracy,
+        "trained": frechet_distance(real_feats, features(net, trained)),
+        "untrained": frechet_distance(real_feats, features(net, untrained)),
+    }
+
+
+def _latents(cfg):
+    return torch.randn(N, cfg.model.z_dim, generator=torch.Generator().manual_seed(123)), None
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_KIMG))
+def test_every_family_learns_shapes(family):
+    from distgan.local_launch import run_local
+
+    [out] = run_local(1, _family_run, family, timeout=patience(600))
+    print(f"\n{family}: FD trained {out['trained']:.1f}, untrained {out['untrained']:.1f}, "
+          f"threshold {FAMILY_THRESHOLD[family]}")  # fmt: skip
+    assert out["accuracy"] > 0.8
+    assert out["untrained"] > 2 * FAMILY_THRESHOLD[family]  # the control fails the threshold
+    assert out["trained"] < FAMILY_THRESHOLD[family]

@@ -249,3 +249,36 @@ def test_end_of_run_summary(runs):
             f"  distgan generate --run {rel} --progress --out {rel}/progress.gif",
             f"  distgan eval --run {rel}",
         ], name
+
+
+# ---------------------------------------------------------------------- every family's panels
+
+# What each family adds to the shared panels (STATS): its penalties in Loss/, StyleGAN2's running path length in G/,
+# and the values of ramped hyper-parameters in Schedule/ (support.TINY's R3GAN ramps lr_g and r1_gamma).
+FAMILY_KEYS = {
+    "stylegan2": {"Loss/D/r1", "Loss/G/pl", "G/pl_mean"},
+    "biggan": set(),
+    "r3gan": {"Loss/D/r1", "Loss/D/r2", "Schedule/lr_g", "Schedule/r1_gamma"},
+}
+
+
+def test_every_family_fills_its_panels(tmp_path):
+    """One short W&B run per family (4 steps, stats every 2, side by side): each family's rows hold the shared
+    stats plus its own keys, all in the dashboard's groups, the config record names the family and its section,
+    and the sample grids are there; a ramped value moves along its ramp from row to row."""
+    from support import TINY
+
+    procs = {
+        family: _start(tmp_path, family, *TINY[family], "train.total_kimg=0.064", "train.sample_every_kimg=0.064")
+        for family in FAMILY_KEYS
+    }
+    outs = {family: _finish(p) for family, p in procs.items()}
+    for family, own in FAMILY_KEYS.items():
+        assert "outside the dashboard's groups" not in outs[family]
+        [run] = [read_run(f) for f in folders(tmp_path / family)]
+        assert run["config"]["model"]["family"] == family and family in run["config"]["model"]
+        want = STATS | own
+        assert _table(run) == [(0, 0, IMAGE), (32, 32, want), (64, 64, want | IMAGE)], family
+        if family == "r3gan":  # cosine from 2e-4 towards 5e-5 over 0.2 kimg: lower in each interval
+            lrs = [r["Schedule/lr_g"] for r in run["rows"] if "Schedule/lr_g" in r]
+            assert 5e-5 < lrs[1] < lrs[0] < 2e-4, lrs

@@ -106,3 +106,27 @@ def test_no_family_has_a_zero_dimensional_parameter(family):
     cfg = load_config(None, [*TINY[family], *extra, "model.num_classes=4"]).model
     for net in (build_generator(cfg), build_discriminator(cfg)):
         assert [n for n, p in net.named_parameters() if p.dim() == 0] == []
+
+
+# Augmentation on every family's D inputs (R1/R2 and path length through it where the family has them), under every
+# precision: the steps stay finite, both networks train, and ADA's p is reported and moved by the controller.
+@pytest.mark.parametrize("precision", ["fp32", "bf16", pytest.param("fp16", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kind", ["diffaug", "ada"])
+@pytest.mark.parametrize("family", ["stylegan2", "r3gan"])
+def test_augmentation_trains_under_every_precision(family, kind, precision):
+    extra = ["augment.p=0.5", "augment.ops=bgcfnc", "augment.ada_interval=1", "augment.ada_kimg=0.1"]
+    tr = make_trainer(*TINY[family], f"augment.kind={kind}", *extra, f"train.precision={precision}")
+    before = {n: [p.detach().clone() for p in m.parameters()] for n, m in (("G", tr.G_module), ("D", tr.D_module))}
+    ps = []
+    for _ in range(6 if precision == "fp16" else 3):
+        tr.train_step(*tr.draw())
+        ps.append(None if tr.augment.p is None else tr.augment.p.item())
+    for n, m in (("G", tr.G_module), ("D", tr.D_module)):
+        after = list(m.parameters())
+        assert all(torch.isfinite(p).all() for p in after), n
+        assert any(not torch.equal(a, b) for a, b in zip(before[n], after)), f"{n} did not train"
+    if kind == "ada":
+        assert len(set(ps)) > 1 and all(abs(b - a) == pytest.approx(0.16) or b in (0, 1) for a, b in zip(ps, ps[1:]))
+        assert tr.stats.last("Augment/p") is not None
+    else:
+        assert ps == [None] * len(ps)

@@ -52,7 +52,11 @@ PATHS = {
         "loss.pl_weight=1",
         "loss.g_reg_interval=1",
     ),  # fmt: skip
-}
+    # every ADA op on reals and fakes, its controller moving p every step from the signs of D's logits
+    "ada, every op, adaptive p": ("augment.kind=ada", "augment.ops=bgcfnc", "augment.p=0.5",
+                                  "augment.ada_interval=1", "loss.r1_gamma=1", "loss.d_reg_interval=1"),
+    "diffaug": ("augment.kind=diffaug",),
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("overrides", PATHS.values(), ids=PATHS.keys())
