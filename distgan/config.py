@@ -341,11 +341,11 @@ def describe_batch(cfg: Config, world_size: int) -> list[str]:
 
 
 def _augment_problems(a: AugmentConfig, sched) -> list[str]:
-    from distgan.augment import build_pipe
+    from distgan.augment import check
 
     out = []
     try:
-        build_pipe(a.kind, a.policy, a.ops)
+        check(a.kind, a.policy, a.ops)
     except ValueError as e:
         out.append(f"augment.{'policy' if a.kind == 'diffaug' else 'ops'}: {e}")
     if not 0 <= a.p <= 1:

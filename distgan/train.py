@@ -24,7 +24,7 @@ if __name__ == "__main__" and not __package__:
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from distgan import launcher, schedule  # noqa: E402
-from distgan.augment import controller as augment_controller  # noqa: E402
+from distgan.augment import describe as describe_augment  # noqa: E402
 from distgan.config import (  # noqa: E402
     describe_batch,
     field_index,
@@ -158,7 +158,7 @@ def _run(cfg, dist, run_dir_arg, resume, allow_config_change) -> dict:
     console.print(f"distgan {__version__}: {dist.describe()}")
     for line in describe_batch(cfg, dist.world_size):
         console.print(line)
-    for line in (schedule.describe(cfg), augment_controller.describe(cfg)):
+    for line in (schedule.describe(cfg), describe_augment(cfg)):
         if line is not None:
             console.print(line)
     console.print(f"run dir: {run_dir}")

@@ -14,22 +14,21 @@ its own):
 
 from __future__ import annotations
 
-from torch import nn
+from distgan.augment.names import ADA_GROUPS, KINDS, OPS, POLICIES, check, describe, parse_ops, parse_policy
 
-from distgan.augment.ada import ADA_GROUPS, OPS, AugmentPipe, parse_ops
-from distgan.augment.diffaug import POLICIES, DiffAugment
-
-KINDS = ("none", "diffaug", "ada")
-
-__all__ = ["ADA_GROUPS", "KINDS", "OPS", "POLICIES", "AugmentPipe", "DiffAugment", "build_pipe", "parse_ops"]
+__all__ = ["ADA_GROUPS", "KINDS", "OPS", "POLICIES", "build_pipe", "check", "describe", "parse_ops", "parse_policy"]
 
 
-def build_pipe(kind: str, policy: str = "color,translation,cutout", ops_spec: str = "bgc") -> nn.Module | None:
-    """The augmentation module for `kind` (KINDS), or None for "none" (D's inputs are left as they are)."""
+def build_pipe(kind: str, policy: str = "color,translation,cutout", ops_spec: str = "bgc"):
+    """The augmentation module for `kind` (KINDS), or None for "none" (D's inputs are left as they are). The
+    modules import torch, so this package imports them only here: config validation (names.py) stays torch-free."""
+    check(kind, policy, ops_spec)
     if kind == "none":
         return None
     if kind == "diffaug":
+        from distgan.augment.diffaug import DiffAugment
+
         return DiffAugment(policy)
-    if kind == "ada":
-        return AugmentPipe(parse_ops(ops_spec), p=0.0)
-    raise ValueError(f"unknown augmentation kind {kind!r}: allowed {', '.join(KINDS)}")
+    from distgan.augment.ada import AugmentPipe
+
+    return AugmentPipe(parse_ops(ops_spec), p=0.0)

@@ -59,18 +59,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-BLIT_OPS = ("xflip", "rotate90", "xint")
-GEOMETRIC_OPS = ("scale", "rotate", "aniso", "xfrac")
-COLOR_OPS = ("brightness", "contrast", "lumaflip", "hue", "saturation")
-OTHER_OPS = ("imgfilter", "noise", "cutout")
-OPS = BLIT_OPS + GEOMETRIC_OPS + COLOR_OPS + OTHER_OPS
+from distgan.augment.names import ADA_GROUPS, BLIT_OPS, COLOR_OPS, GEOMETRIC_OPS, OPS, OTHER_OPS, check_ops, parse_ops
 
-_BG = dict.fromkeys(BLIT_OPS + GEOMETRIC_OPS, 1.0)
-ADA_GROUPS = {
-    "bg": _BG,
-    "bgc": {**_BG, **dict.fromkeys(COLOR_OPS, 1.0)},
-    "bgcfnc": {**_BG, **dict.fromkeys(COLOR_OPS + OTHER_OPS, 1.0)},
-}
+__all__ = ["ADA_GROUPS", "OPS", "AugmentPipe", "parse_ops"]
 
 XINT_MAX, SCALE_STD, ANISO_STD, XFRAC_STD = 0.125, 0.2, 0.2, 0.125
 BRIGHTNESS_STD, CONTRAST_STD, SATURATION_STD = 0.2, 0.5, 1.0
@@ -116,25 +107,6 @@ def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     return z.view(n, c, h, w)
 
 
-def parse_ops(spec: str) -> dict[str, float]:
-    """ "bgc" (a group of ADA_GROUPS), or "name=mult,name=mult" (ops of OPS; groups may be listed among them)."""
-    ops: dict[str, float] = {}
-    for item in (s.strip() for s in spec.split(",")):
-        if not item:
-            continue
-        if "=" not in item:
-            if item not in ADA_GROUPS:
-                raise ValueError(f"unknown ADA group {item!r} in {spec!r}: groups {', '.join(ADA_GROUPS)}")
-            ops.update(ADA_GROUPS[item])
-            continue
-        name, _, value = item.partition("=")
-        try:
-            ops[name.strip()] = float(value)
-        except ValueError:
-            raise ValueError(f"ADA op {name.strip()!r}: multiplier {value!r} is not a number") from None
-    return ops
-
-
 class AugmentPipe(nn.Module):
     """ADA's pipeline: `ops` maps names of OPS to probability multipliers (missing ones are 0), `p` the initial
     strength. forward(x [N, C, H, W] in [-1, 1], gen) -> the augmented batch, same shape and dtype (C = 1 or 3).
@@ -142,12 +114,7 @@ class AugmentPipe(nn.Module):
 
     def __init__(self, ops: dict[str, float], p: float = 0.0):
         super().__init__()
-        unknown = sorted(set(ops) - set(OPS))
-        if unknown:
-            raise ValueError(f"unknown ADA ops {unknown}: valid ops {', '.join(OPS)}")
-        negative = [name for name, mult in ops.items() if not float(mult) >= 0]
-        if negative:
-            raise ValueError(f"ADA op multipliers must be >= 0: {negative}")
+        check_ops(ops)
         self.ops = {name: float(ops.get(name, 0.0)) for name in OPS}
         self.register_buffer("p", torch.tensor(float(p), dtype=torch.float32))
 

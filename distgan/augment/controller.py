@@ -98,19 +98,3 @@ class _Sums:
 
     def load_state_dict(self, state: dict) -> None:
         self.aug.signs.copy_(state["signs"])
-
-
-def describe(cfg) -> str | None:
-    """One line for the start of a run, or None without augmentation."""
-    a = cfg.augment
-    if a.kind == "none":
-        return None
-    if a.kind == "diffaug":
-        return f"augment: DiffAugment ({a.policy}) on every image D sees"
-    if a.ada_target > 0:
-        how = f"adaptive from {a.p:g}, aiming at E[sign(D(real))] = {a.ada_target:g}, 0 -> 1 in {a.ada_kimg:g} kimg"
-    elif cfg.schedule.augment_p.shape != "constant":
-        how = "ramped by schedule.augment_p"
-    else:
-        how = "fixed"
-    return f"augment: ADA ({a.ops}), p {how}"

@@ -24,7 +24,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-POLICIES = ("color", "translation", "cutout")
+from distgan.augment.names import POLICIES, parse_policy
+
+__all__ = ["POLICIES", "DiffAugment"]
 TRANSLATION_RATIO = 1 / 8  # largest shift, as a fraction of the image size
 CUTOUT_RATIO = 1 / 2  # side of the cut-out square, as a fraction of the image size
 
@@ -83,13 +85,7 @@ class DiffAugment(nn.Module):
 
     def __init__(self, policy: str = "color,translation,cutout"):
         super().__init__()
-        names = [name.strip() for name in policy.split(",") if name.strip()]
-        if names == ["none"]:
-            names = []
-        unknown = [name for name in names if name not in POLICIES]
-        if unknown:
-            raise ValueError(f"unknown DiffAugment policy {unknown} in {policy!r}: allowed {', '.join(POLICIES)}")
-        self.policy = tuple(names)
+        self.policy = parse_policy(policy)
 
     def forward(self, x: Tensor, gen: torch.Generator) -> Tensor:
         if not self.policy:

@@ -5,7 +5,9 @@ import itertools
 import pytest
 import torch
 
-from distgan.augment import ADA_GROUPS, OPS, POLICIES, AugmentPipe, DiffAugment, build_pipe, parse_ops
+from distgan.augment import ADA_GROUPS, OPS, POLICIES, build_pipe, parse_ops
+from distgan.augment.ada import AugmentPipe
+from distgan.augment.diffaug import DiffAugment
 
 
 def gen(seed: int = 0) -> torch.Generator:

@@ -7,7 +7,8 @@ tests/integration/test_augment_run.py."""
 import pytest
 import torch
 
-from distgan.augment.controller import Augmentation, describe
+from distgan.augment import describe
+from distgan.augment.controller import Augmentation
 from distgan.config import load_config
 from distgan.stats import Collector
 

@@ -84,8 +84,8 @@ def test_values_part_fills_a_value_added_since_from_its_default():
 
 def test_the_trainer_registers_every_stateful_part():
     tr = make_trainer()
-    assert tr.state.names("shared") == ["G", "D", "G_ema", "progress", "step", "guard", "data_health"]
-    assert tr.state.names("rank") == ["rng", "stream"]
+    assert tr.state.names("shared") == ["G", "D", "G_ema", "progress", "step", "guard", "data_health", "augment"]
+    assert tr.state.names("rank") == ["rng", "stream", "augment_sums"]
 
 
 def _v2(tr) -> tuple[dict, dict]:
@@ -125,5 +125,6 @@ def test_a_format_2_checkpoint_resumes():
     assert all(torch.equal(x, y) for x, y in zip(a.G_module.parameters(), b.G_module.parameters()))
     # The upgrade names every part of today's layout.
     up, up_rank = upgrade_v2(shared, rank)
-    assert set(up) - {"format", "versions"} >= set(a.state.names("shared"))
+    # (augmentation came after format 2: its parts start fresh when a checkpoint lacks them)
+    assert set(up) - {"format", "versions"} >= set(a.state.names("shared")) - {"augment"}
     assert set(up_rank) >= {"rng", "stream", "rank", "world_size"}
