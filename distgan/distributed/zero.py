@@ -31,12 +31,15 @@ record, the ZeRO stage enum, a fragment address); DeepSpeed's own engine would u
 
 from __future__ import annotations
 
+import enum
 import io
 import logging
 import os
+import pickle
 import shutil
 import sys
 import tempfile
+import types
 
 import torch
 
@@ -55,6 +58,22 @@ from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: E402
 from deepspeed.utils.tensor_fragment import fragment_address  # noqa: E402
 
 SAFE_GLOBALS = [LossScaler, ZeroStageEnum, fragment_address]
+
+
+class _EnumByValue(pickle.Pickler):
+    """Pickles an Enum member as `Class(value)`. Python's own reduction of an enum changed between 3.11 releases
+    (some pickle it as `getattr(Class, name)`), and `torch.load(weights_only=True)` refuses `getattr`: a ZeRO
+    checkpoint written by Debian 12's Python 3.11.2 could not be resumed. `Class(value)` of an allowed class is
+    what weights_only accepts, on every Python."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, enum.Enum):
+            return type(obj), (obj.value,)
+        return NotImplemented
+
+
+_ValuePickle = types.SimpleNamespace(Pickler=_EnumByValue, __name__="pickle")
+
 TAG = "ds"  # DeepSpeed's checkpoint "tag" (a sub-folder name in its own layout); ours is the checkpoint folder
 
 logging.getLogger("DeepSpeed").setLevel(logging.ERROR)  # its INFO lines per engine; skips are our own stats
@@ -135,7 +154,7 @@ class _InMemory(CheckpointEngine):
 
     def save(self, state_dict, path: str) -> None:
         buf = io.BytesIO()
-        torch.save(state_dict, buf)
+        torch.save(state_dict, buf, pickle_module=_ValuePickle)
         self.saved[self.name_for(path)] = buf.getvalue()
 
     def load(self, path: str, map_location=None):

@@ -19,8 +19,9 @@ at 6 and 9 sync buffers exactly where the straight run does too.
 The same test runs under DDP and under ZeRO-2 (two DeepSpeed engines, saved and loaded through DeepSpeed's own
 checkpoint code inside distgan's): under ZeRO each rank's optimizer digest is of its own partition, so the ranks'
 optimizer states differ (the control that the state really is partitioned) while each matches its straight run.
-And once with a class-conditional model on labelled shards (labels travel with their images through the resume,
-and the fakes' labels are drawn from the same (seed, rank, images seen) after it).
+And with every other family, two of them class-conditional on labelled shards (labels travel with their images
+through the resume, and the fakes' labels are drawn from the same (seed, rank, images seen) after it), and with
+ADA and DiffAugment.
 """
 
 import hashlib
@@ -48,7 +49,8 @@ AUGMENT = {
 
 
 def _args(folder, end_step, strategy):
-    # "ddp+classes": a class-conditional model on labelled shards; "ddp+stylegan2": that family (support.TINY)
+    # "+classes": a class-conditional model on labelled shards; "+stylegan2": that family (support.TINY); "+ada":
+    # that augmentation (AUGMENT)
     strategy, *extras = strategy.split("+")
     return (
         f"dist.strategy={strategy}",
@@ -140,7 +142,8 @@ def _segment(dist, folder, strategy, run_dir, end_step, resume, control):
 
 @pytest.mark.parametrize(
     "strategy",
-    ["ddp", pytest.param("zero2", marks=pytest.mark.deepspeed), "ddp+classes",
+    # (labels through a resume: the conditional family variants)
+    ["ddp", pytest.param("zero2", marks=pytest.mark.deepspeed),
      # the other families, each with what it carries across a resume: StyleGAN2 its w_avg, noise and style-mixing
      # draws (torch's generator, in the rank state) and path-length mean; BigGAN spectral norm's u and v and
      # BatchNorm statistics; R3GAN its ramped lr and R1 weight (functions of the images seen)

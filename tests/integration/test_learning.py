@@ -159,6 +159,8 @@ def test_conditional_dcgan_draws_the_class_asked_for():
 #     biggan      8      1479, 2687    20395         28895                   6000
 #     r3gan       2      519, 579      6286          27001                   2000
 #
+# (The test runs them side by side at one thread each, where the numbers shift a little: seed 0 gave stylegan2 552,
+# biggan 2229, r3gan 515; untrained 27303, 20796, 7885.)
 # Each threshold sits 2.2-3.5x above the worst correct run and 3x or more below every control. A family only learns
 # this fast on 2 cores at a CPU size, far from its published results; what the test asks is
 # that the whole path (network, loss, penalties, optimiser recipe, EMA) learns the shapes at all, which every broken
@@ -176,7 +178,7 @@ def _family_run(rank, world, family: str) -> dict:
     from distgan.data import shapes
     from distgan.training import Trainer
 
-    dist = distributed.setup("fp32", threads=0)
+    dist = distributed.setup("fp32", threads=1)
     cfg = load_config(None, [*COMMON, *PRESETS[family], "train.seed=0"]).validate()
     tr = Trainer(cfg, dist.configured("fp32", "ddp"), bench_stream(cfg))
     untrained = tr.sample(*_latents(cfg)).float().clamp(-1, 1)
@@ -198,13 +200,34 @@ def _latents(cfg):
     return torch.randn(N, cfg.model.z_dim, generator=torch.Generator().manual_seed(123)), None
 
 
-@pytest.mark.parametrize("family", sorted(FAMILY_KIMG))
-def test_every_family_learns_shapes(family):
+def test_every_family_learns_shapes():
+    """The three families side by side, one thread each (2 cores: 3 runs in about the time of 2)."""
+    import threading
+
     from distgan.local_launch import run_local
 
-    [out] = run_local(1, _family_run, family, timeout=patience(600))
-    print(f"\n{family}: FD trained {out['trained']:.1f}, untrained {out['untrained']:.1f}, "
-          f"threshold {FAMILY_THRESHOLD[family]}")  # fmt: skip
-    assert out["accuracy"] > 0.8
-    assert out["untrained"] > 2 * FAMILY_THRESHOLD[family]  # the control fails the threshold
-    assert out["trained"] < FAMILY_THRESHOLD[family]
+    out = {}
+
+    def run(family):
+        try:
+            out[family] = run_local(1, _family_run, family, timeout=patience(600))[0]
+        except Exception as e:  # noqa: BLE001 (raised below, in the test's own thread)
+            out[family] = e
+
+    threads = [threading.Thread(target=run, args=(f,)) for f in sorted(FAMILY_KIMG)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for family in sorted(FAMILY_KIMG):
+        if isinstance(out[family], Exception):
+            raise out[family]
+    failed = []
+    for family, r in sorted(out.items()):
+        print(f"\n{family}: FD trained {r['trained']:.1f}, untrained {r['untrained']:.1f}, "
+              f"threshold {FAMILY_THRESHOLD[family]}")  # fmt: skip
+        assert r["accuracy"] > 0.8
+        assert r["untrained"] > 2 * FAMILY_THRESHOLD[family], family  # the control fails the threshold
+        if not r["trained"] < FAMILY_THRESHOLD[family]:
+            failed.append(family)
+    assert not failed, f"did not learn the shapes: {failed}"

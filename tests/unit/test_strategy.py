@@ -98,3 +98,36 @@ def test_the_deepspeed_config_is_the_same_on_cpu_and_gpu():
         assert gpu["zero_optimization.overlap_comm"] is False
         assert gpu["timers.throughput.enabled"] is False and gpu["wall_clock_breakdown"] is False
         assert gpu["gradient_accumulation_steps"] == accum and gpu["train_micro_batch_size_per_gpu"] == 16
+
+
+class _Stage(int, __import__("enum").Enum):
+    """An int enum pickled the way some Python 3.11 releases (Debian 12's 3.11.2) pickle DeepSpeed's ZeroStageEnum:
+    as getattr(class, name)."""
+
+    A = 1
+
+    def __reduce_ex__(self, protocol):
+        return getattr, (type(self), self.name)
+
+
+def test_zero_files_pickle_enums_by_value_so_weights_only_loads_them():
+    """DeepSpeed's optimizer files hold ZeroStageEnum. Written by `torch.save` on such a Python they held
+    `getattr`, which torch.load(weights_only=True) refuses: a ZeRO run could not resume (found in CI on Debian's
+    Python). distgan's checkpoint engine pickles enums as Class(value)."""
+    import io
+
+    require_deepspeed()
+    from distgan.distributed.zero import _InMemory
+
+    io_ = _InMemory(prefix="ds-G-")
+    io_.save({"zero_stage": _Stage.A, "w": torch.ones(2)}, "/scratch/optim_states.pt")
+    data = io_.saved["ds-G-optim_states.pt"]
+    with torch.serialization.safe_globals([_Stage]):
+        loaded = torch.load(io.BytesIO(data), weights_only=True)
+    assert loaded["zero_stage"] is _Stage.A and torch.equal(loaded["w"], torch.ones(2))
+    # The control: plain torch.save of the same state is refused.
+    buf = io.BytesIO()
+    torch.save({"zero_stage": _Stage.A}, buf)
+    buf.seek(0)
+    with torch.serialization.safe_globals([_Stage]), pytest.raises(Exception, match="getattr"):
+        torch.load(buf, weights_only=True)
