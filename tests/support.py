@@ -126,6 +126,30 @@ def run_ranks(fn, world: int, *args, timeout: float = 180):
         raise AssertionError(str(e)) from None
 
 
+def side_by_side(fn, keys, timeout: float) -> dict:
+    """{key: fn(0, 1, key)} for each key, each in its own fresh process (run_local, a world of one), all at once: the
+    2 cores of a test machine run two learning runs in about the time of one. The first failure is raised."""
+    import threading
+
+    out = {}
+
+    def run(key):
+        try:
+            out[key] = run_local(1, fn, key, timeout=timeout)[0]
+        except Exception as e:  # noqa: BLE001 (raised below, in the caller's thread)
+            out[key] = e
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in keys]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for key in keys:
+        if isinstance(out[key], Exception):
+            raise out[key]
+    return out
+
+
 def wandb_records(path: Path):
     """The records of a W&B offline run file (wandb ships no reader for them): a 7-byte file header, then 32 KiB
     blocks of chunks (LevelDB's log format: crc32 u32, length u16, type u8 = full/first/middle/last), each

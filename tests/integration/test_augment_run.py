@@ -22,8 +22,6 @@ shapes), so p settles low there too, but it is raised far more often than on the
 between the two rows.
 """
 
-import threading
-
 import pytest
 
 from conftest import REPO, patience
@@ -51,24 +49,9 @@ def _ada_run(rank, world, num_images: int) -> list[float]:
 
 
 def test_p_is_raised_where_d_memorises_and_stays_low_where_it_cannot():
-    from distgan.local_launch import run_local
+    from support import side_by_side
 
-    out = {}
-
-    def run(n):
-        try:
-            out[n] = run_local(1, _ada_run, n, timeout=patience(600))[0]
-        except Exception as e:  # noqa: BLE001 (raised below, in the test's own thread)
-            out[n] = e
-
-    threads = [threading.Thread(target=run, args=(n,)) for n in (64, 20000)]  # side by side: 2 cores
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for result in out.values():
-        if isinstance(result, Exception):
-            raise result
+    out = side_by_side(_ada_run, [64, 20000], timeout=patience(600))
     late = {n: ps[len(ps) // 3 :] for n, ps in out.items()}
     mean = {n: sum(ps) / len(ps) for n, ps in late.items()}
     raised = {n: sum(p > 0 for p in ps) / len(ps) for n, ps in late.items()}

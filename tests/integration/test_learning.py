@@ -121,26 +121,9 @@ def test_conditional_dcgan_draws_the_class_asked_for():
     """Conditional DCGAN on the built-in shapes: generated images of class c are classified as c in at least 85% of
     cases; the control, the same training with every label moved to another image, must fail that (the model can
     then only learn that labels mean nothing)."""
-    import threading
+    from support import side_by_side
 
-    from distgan.local_launch import run_local
-
-    out = {}
-
-    def run(shuffle):
-        try:
-            out[shuffle] = run_local(1, _conditional_run, shuffle, timeout=patience(600))[0]
-        except Exception as e:  # noqa: BLE001 (raised below, in the test's own thread)
-            out[shuffle] = e
-
-    threads = [threading.Thread(target=run, args=(s,)) for s in (False, True)]  # side by side: 2 cores
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for result in out.values():
-        if isinstance(result, Exception):
-            raise result
+    out = side_by_side(_conditional_run, [False, True], timeout=patience(600))
     trained, control = out[False], out[True]
     print(f"\nclass match: {trained['match']:.3f} {trained['per_class']}; shuffled labels: {control['match']:.3f}")
     assert trained["accuracy"] > 0.95  # the classifier knows the shapes
@@ -202,26 +185,9 @@ def _latents(cfg):
 
 def test_every_family_learns_shapes():
     """The three families side by side, one thread each (2 cores: 3 runs in about the time of 2)."""
-    import threading
+    from support import side_by_side
 
-    from distgan.local_launch import run_local
-
-    out = {}
-
-    def run(family):
-        try:
-            out[family] = run_local(1, _family_run, family, timeout=patience(600))[0]
-        except Exception as e:  # noqa: BLE001 (raised below, in the test's own thread)
-            out[family] = e
-
-    threads = [threading.Thread(target=run, args=(f,)) for f in sorted(FAMILY_KIMG)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for family in sorted(FAMILY_KIMG):
-        if isinstance(out[family], Exception):
-            raise out[family]
+    out = side_by_side(_family_run, sorted(FAMILY_KIMG), timeout=patience(600))
     failed = []
     for family, r in sorted(out.items()):
         print(f"\n{family}: FD trained {r['trained']:.1f}, untrained {r['untrained']:.1f}, "
