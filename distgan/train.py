@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,7 +25,7 @@ if __name__ == "__main__" and not __package__:
     # Put the repository root there instead, so `import distgan` finds this checkout's package.
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from distgan import launcher, schedule  # noqa: E402
+from distgan import faults, launcher, schedule  # noqa: E402
 from distgan.augment import describe as describe_augment  # noqa: E402
 from distgan.config import (  # noqa: E402
     describe_batch,
@@ -117,10 +119,30 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# How long a rank other than 0 waits, after a user error, for rank 0 to report it (see _fail).
+REPORT_WAIT_S = 20.0
+
+
 def _fail(e: UserError | Stop) -> int:
-    # Every rank validates the same way; one line from rank 0 is enough.
-    if launcher.rank() == 0:
-        print(f"distgan: {'error: ' if isinstance(e, UserError) else ''}{e}", file=sys.stderr)
+    """One line for a user error or a stop, from rank 0, and the exit code.
+
+    Every rank validates the same way, so rank 0's line is enough. But a launcher ends the others as soon as one
+    rank exits (torchrun SIGTERMs them), so a rank other than 0 that met the same error a moment sooner would get
+    rank 0 killed before it printed: the user would see an exit code and no reason. So after a user error the
+    other ranks wait for rank 0 to exit first (its exit ends them); one that is still alive after REPORT_WAIT_S met
+    an error of its own, and says it, naming its rank. A stop (a signal) does not wait: its exit is on a clock.
+    """
+    r = launcher.rank()
+    user_error = isinstance(e, UserError)
+    if r != 0 and user_error and launcher.world_size() > 1:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher's SIGTERM ends the wait
+        time.sleep(REPORT_WAIT_S)
+        print(f"distgan: error: rank {r}: {e}", file=sys.stderr, flush=True)
+    elif r == 0:
+        if faults.fires("report.slow"):  # the race above, on cue: rank 0 reaches its line last
+            time.sleep(5)
+        print(f"distgan: {'error: ' if user_error else ''}{e}", file=sys.stderr, flush=True)
     return e.exit_code
 
 

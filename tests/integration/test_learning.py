@@ -36,15 +36,14 @@ def fd_of(generator, z_dim, net, real_feats) -> float:
     return frechet_distance(real_feats, features(net, fake))
 
 
-def test_short_run_learns_shapes(tmp_path):
-    from distgan.checkpoint import CheckpointManager, load_file
-    from distgan.config import from_dict
-    from distgan.data import shapes
-    from distgan.models import build_generator
-
-    # Like `make train`: the built-in set prepared into shards (where default.yaml looks), then streamed.
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """The `make train` path, started in the background at one thread: the built-in set prepared into shards (where
+    default.yaml looks), then streamed by `distgan train` for KIMG. The conditional test below trains beside it on
+    the other core, and the test of it collects it."""
+    tmp = tmp_path_factory.mktemp("short-run")
     prep = [str(BIN / "distgan"), "prepare", "shapes", "--out", "data/shapes-32", "--size", "32", "--num", "20000"]
-    subprocess.run(prep, cwd=tmp_path, env=cli_env(), check=True, capture_output=True, timeout=patience(300))
+    subprocess.run(prep, cwd=tmp, env=cli_env(), check=True, capture_output=True, timeout=patience(300))
     cmd = [
         str(BIN / "distgan"),
         "train",
@@ -55,17 +54,94 @@ def test_short_run_learns_shapes(tmp_path):
         f"train.total_kimg={KIMG}",
         f"train.ckpt_every_kimg={KIMG}",
         f"train.sample_every_kimg={KIMG}",
+        "train.threads=1",
         "log.tracker=none",
     ]
-    p = subprocess.run(cmd, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=patience(900))
-    assert p.returncode == 0, p.stderr[-3000:]
+    with open(tmp / "stdout.txt", "w") as out, open(tmp / "stderr.txt", "w") as err:
+        proc = subprocess.Popen(cmd, cwd=tmp, env=cli_env(), stdout=out, stderr=err)
+    yield tmp, proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+# ---------------------------------------------------------------------- class-conditional
+
+# Calibration on a 2-core CPU (conditional DCGAN, configs/default.yaml's networks and optimizer, the built-in
+# shapes with their 4 classes, one thread beside another run): the share of generated images of class c that the
+# shape classifier assigns to c, over 250 per class:
+#     100 kimg: 0.93;  150 kimg: 0.96 and 0.95 (train.seed 0 and 1);  shuffled labels, 150 kimg: 0.23 (chance: 0.25)
+# The test runs 100 kimg against a threshold of 0.85: 8 points below the calibrated run and far above a G that
+# ignores its labels. The controls the test runs cost no training: the trained G scored against labels drawn
+# independently of the ones it was given (what any G that ignores its labels scores, as the shuffled-labels run
+# did: near 0.25), and the untrained G.
+COND_KIMG = 100
+COND_THRESHOLD = 0.85
+
+
+def _conditional_run(rank, world, _) -> dict:
+    """Train a conditional DCGAN on the shapes, then ask a classifier trained on other real shapes which class each
+    generated image is: against the class G was asked for, against unrelated labels, and for the untrained G."""
+    from distgan.metrics.shapes_fd import class_match, train_classifier
+    from support import make_trainer
+
+    tr = make_trainer(
+        "data.source=shapes", "data.num_images=20000", "model.num_classes=auto", f"train.total_kimg={COND_KIMG}",
+        "train.log_every_kimg=10", "train.sample_every_kimg=1000", "train.ckpt_every_kimg=1000",
+        config=REPO / "configs" / "default.yaml",
+    )  # fmt: skip
+    n = 250
+    z = torch.randn(4 * n, tr.cfg.model.z_dim, generator=torch.Generator().manual_seed(123))
+    c = torch.arange(4).repeat_interleave(n)
+
+    def draw(G):
+        with torch.no_grad():
+            return torch.cat([G(zp, cp) for zp, cp in zip(z.split(500), c.split(500))])
+
+    untrained = draw(tr.G_ema.module.eval())
+    tr.fit()
+    fake = draw(tr.G_ema.module.eval())
+    net, accuracy = train_classifier()
+    match, per_class = class_match(net, fake, c)
+    unrelated = c[torch.randperm(len(c), generator=torch.Generator().manual_seed(7))]
+    return {
+        "match": match,
+        "per_class": per_class,
+        "accuracy": accuracy,
+        "unrelated": class_match(net, fake, unrelated)[0],
+        "untrained": class_match(net, untrained, c)[0],
+    }
+
+
+def test_conditional_dcgan_draws_the_class_asked_for(short_run):
+    """Conditional DCGAN on the built-in shapes: generated images of class c are classified as c in at least 85% of
+    cases. Controls: the same images scored against labels they were not drawn for, and the untrained G, both near
+    chance. (It trains beside the short run, which the `short_run` fixture has started.)"""
+    from support import side_by_side
+
+    r = side_by_side(_conditional_run, [None], timeout=patience(600))[None]
+    print(f"\nclass match: {r['match']:.3f} {r['per_class']}; unrelated labels: {r['unrelated']:.3f}; "
+          f"untrained G: {r['untrained']:.3f}")  # fmt: skip
+    assert r["accuracy"] > 0.95  # the classifier knows the shapes
+    assert r["match"] >= COND_THRESHOLD and min(r["per_class"]) > 0.7
+    assert r["unrelated"] < 0.5 and r["untrained"] < 0.5
+
+
+def test_short_run_learns_shapes(short_run):
+    from distgan.checkpoint import CheckpointManager, load_file
+    from distgan.config import from_dict
+    from distgan.data import shapes
+    from distgan.models import build_generator
+
+    tmp, proc = short_run
+    assert proc.wait(timeout=patience(900)) == 0, (tmp / "stderr.txt").read_text()[-3000:]
 
     net, accuracy = train_classifier()
     assert accuracy > 0.8  # the feature space knows the shapes
     reals, _ = shapes.generate(N, seed=0)
     real_feats = features(net, to_float(reals))
 
-    final = CheckpointManager(tmp_path / "run").latest()  # the first multiple of the batch past KIMG
+    final = CheckpointManager(tmp / "run").latest()  # the first multiple of the batch past KIMG
     state = load_file(final, "state.pt")
     assert state["progress"]["cur_nimg"] >= KIMG * 1000
     cfg = from_dict(state["config"])
@@ -77,58 +153,6 @@ def test_short_run_learns_shapes(tmp_path):
     print(f"FD trained {fd_trained:.1f}, untrained {fd_untrained:.1f}, threshold {THRESHOLD}")
     assert fd_untrained > 2 * THRESHOLD
     assert fd_trained < THRESHOLD
-
-
-# ---------------------------------------------------------------------- class-conditional
-
-# Calibration on a 2-core CPU (conditional DCGAN, configs/default.yaml's networks and optimizer, the built-in
-# shapes with their 4 classes, two runs side by side at 1 thread each, ~4 min): the share of generated images of
-# class c that the shape classifier assigns to c, over 250 per class:
-#     100 kimg: 0.93;  150 kimg: 0.96 and 0.95 (train.seed 0 and 1);  shuffled labels, 150 kimg: 0.23 (chance: 0.25)
-# The test runs 100 kimg (a minute and a half less than 150) against a threshold of 0.85: 8 points below the calibrated
-# run and far above the control.
-COND_KIMG = 100
-COND_THRESHOLD = 0.85
-
-
-def _conditional_run(rank, world, shuffle: bool) -> dict:
-    """Train a conditional DCGAN on the shapes (labels shuffled for the control), then ask a classifier trained on
-    other real shapes which class each generated image is."""
-    import numpy as np
-
-    from distgan.metrics.shapes_fd import class_match, train_classifier
-    from support import make_trainer
-
-    tr = make_trainer(
-        "data.source=shapes", "data.num_images=20000", "model.num_classes=auto", f"train.total_kimg={COND_KIMG}",
-        "train.log_every_kimg=10", "train.sample_every_kimg=1000", "train.ckpt_every_kimg=1000",
-        config=REPO / "configs" / "default.yaml",
-    )  # fmt: skip
-    if shuffle:  # the control: each image keeps a label, but not its own
-        tr.stream.labels = torch.from_numpy(np.random.default_rng(5).permutation(tr.stream.labels.numpy()))
-    tr.fit()
-    net, accuracy = train_classifier()
-    G, n = tr.G_ema.module.eval(), 250
-    z = torch.randn(4 * n, tr.cfg.model.z_dim, generator=torch.Generator().manual_seed(123))
-    c = torch.arange(4).repeat_interleave(n)
-    with torch.no_grad():
-        fake = torch.cat([G(zp, cp) for zp, cp in zip(z.split(500), c.split(500))])
-    match, per_class = class_match(net, fake, c)
-    return {"match": match, "accuracy": accuracy, "per_class": per_class}
-
-
-def test_conditional_dcgan_draws_the_class_asked_for():
-    """Conditional DCGAN on the built-in shapes: generated images of class c are classified as c in at least 85% of
-    cases; the control, the same training with every label moved to another image, must fail that (the model can
-    then only learn that labels mean nothing)."""
-    from support import side_by_side
-
-    out = side_by_side(_conditional_run, [False, True], timeout=patience(600))
-    trained, control = out[False], out[True]
-    print(f"\nclass match: {trained['match']:.3f} {trained['per_class']}; shuffled labels: {control['match']:.3f}")
-    assert trained["accuracy"] > 0.95  # the classifier knows the shapes
-    assert trained["match"] >= COND_THRESHOLD and min(trained["per_class"]) > 0.7
-    assert control["match"] < COND_THRESHOLD
 
 
 # ---------------------------------------------------------------------- every family
