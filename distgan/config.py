@@ -132,8 +132,15 @@ class TrainConfig:
         600.0, "a rank without progress for this long is named and the job stops (exit code 5); 0 = never"
     )
     seed: int = _f(0, "training seed: initial weights, latents and data order derive from it")
-    precision: Literal["fp32", "bf16", "fp16"] = _f(
-        "fp32", "fp32; bf16 autocast; or fp16 autocast with one loss scaler per network"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = _f(
+        "auto",
+        "auto: what `accelerate launch --mixed_precision` asked for, else bf16 on a GPU with bfloat16 arithmetic, "
+        "else fp32 (CPUs); fp32; bf16 autocast; or fp16 autocast with one loss scaler per network",
+    )
+    channels_last: bool = _f(
+        False,
+        "G, D and the batches in channels-last memory (NHWC): the layout GPU tensor cores convolve fastest; "
+        "the same results up to rounding (not applied under ZeRO)",
     )
     ema_kimg: float = _f(10.0, "half-life of G's exponential moving average, in kimg (0 = no averaging)")
     ema_rampup: float = _f(0.05, "early in training cap the half-life at this fraction of images seen (0 = off)")

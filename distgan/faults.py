@@ -12,7 +12,7 @@ and `nth` (the n-th time this process reaches the point). Points in the code cal
 `kill_if(name, **where)` for a SIGKILL there. Unset (the normal case) each point costs one dict lookup.
 The points: kill, hang, usr1, nan_loss (trainer.py); ckpt.before_files, ckpt.mid_file, ckpt.after_files,
 ckpt.after_manifest, ckpt.before_rename, ckpt.after_rename, ckpt.during_purge, enospc (checkpoint.py);
-report.slow (train.py: rank 0 reports a user error 5 s late).
+report.slow (train.py: rank 0 reports a user error 3 s late).
 """
 
 from __future__ import annotations

@@ -49,7 +49,8 @@ def check_precision(precision: str) -> None:
     would be silently ignored. `accelerate launch` always exports its value, "no" unless told.
     """
     launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
-    if launched not in ("no", precision):  # "no" is Accelerate's name for fp32: the launcher did not ask
+    # "no" is Accelerate's name for fp32: the launcher did not ask. `auto` follows the launcher.
+    if precision != "auto" and launched not in ("no", precision):
         raise LaunchError(
             f"the launcher asked for mixed precision {launched!r} but train.precision={precision!r}; "
             f"set train.precision={launched} or launch with --mixed_precision {precision}"

@@ -52,6 +52,7 @@ RESUMABLE_CHANGES = (
     "train.max_rollbacks",
     "train.hang_timeout_s",
     "train.threads",
+    "train.channels_last",  # a memory layout: the same model, the same results up to rounding
     "train.progress",
     "data.root",
     "data.download",
@@ -120,29 +121,29 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # How long a rank other than 0 waits, after a user error, for rank 0 to report it (see _fail).
-REPORT_WAIT_S = 20.0
+REPORT_WAIT_S = 10.0
 
 
 def _fail(e: UserError | Stop) -> int:
     """One line for a user error or a stop, from rank 0, and the exit code.
 
-    Every rank validates the same way, so rank 0's line is enough. But a launcher ends the others as soon as one
-    rank exits (torchrun SIGTERMs them), so a rank other than 0 that met the same error a moment sooner would get
-    rank 0 killed before it printed: the user would see an exit code and no reason. So after a user error the
-    other ranks wait for rank 0 to exit first (its exit ends them); one that is still alive after REPORT_WAIT_S met
-    an error of its own, and says it, naming its rank. A stop (a signal) does not wait: its exit is on a clock.
+    Every rank validates the same way, so rank 0's line is enough (and the only one: a user reads one line). But
+    a launcher ends the others as soon as one rank exits (torchrun SIGTERMs them), so a rank other than 0 that met
+    the same error a moment sooner would get rank 0 killed before it printed: the user would see an exit code and
+    no reason. So after a user error the other ranks wait for rank 0 to exit first (under torchrun its exit ends
+    them at once; ranks started one by one wait out REPORT_WAIT_S). A stop (a signal) does not wait: its exit is on
+    a clock, and rank 0 keeps its signal handlers until it has printed (watchdog.py).
     """
-    r = launcher.rank()
     user_error = isinstance(e, UserError)
-    if r != 0 and user_error and launcher.world_size() > 1:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher's SIGTERM ends the wait
-        time.sleep(REPORT_WAIT_S)
-        print(f"distgan: error: rank {r}: {e}", file=sys.stderr, flush=True)
-    elif r == 0:
-        if faults.fires("report.slow"):  # the race above, on cue: rank 0 reaches its line last
-            time.sleep(5)
-        print(f"distgan: {'error: ' if user_error else ''}{e}", file=sys.stderr, flush=True)
+    if launcher.rank() != 0:
+        if user_error and launcher.world_size() > 1:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher's SIGTERM ends the wait
+            time.sleep(REPORT_WAIT_S)
+        return e.exit_code
+    if faults.fires("report.slow"):  # the race above, on cue: rank 0 reaches its line last
+        time.sleep(3)
+    print(f"distgan: {'error: ' if user_error else ''}{e}", file=sys.stderr, flush=True)
     return e.exit_code
 
 
@@ -154,6 +155,9 @@ def run(cfg, run_dir: str | None = None, resume: str = "latest", allow_config_ch
     timeout = max(1800.0, cfg.train.hang_timeout_s + 60)
     dist = distributed.setup(cfg.train.precision, cfg.train.threads, cfg.train.deterministic, timeout_s=timeout,
                              strategy=cfg.dist.strategy)  # fmt: skip
+    # train.precision=auto is decided by the device (setup): the run dir's config and the checkpoints record what
+    # ran, and a resume compares that with what runs now.
+    cfg.train.precision = dist.precision.mode
     try:
         return _run(cfg, dist, run_dir, resume, allow_config_change)
     finally:

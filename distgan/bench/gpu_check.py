@@ -12,7 +12,7 @@ with one table and exits 1 if any row failed:
     generate               `distgan generate` on the GPU: a grid from the trained generator
     host syncs / step      steps of fp32, bf16 and fp16 with penalties under CUDA's sync debug mode and
                            distgan.host_reads: 0 expected (a GPU step must not wait for the host)
-    img/s                  fp32 and bf16 at two batch sizes, timed after a warm-up (figures, no target)
+    img/s                  fp32, bf16 and bf16 + channels_last at two batch sizes, after a warm-up (no target)
 
 `--dry` runs the same on the CPU with tiny sizes (CUDA_VISIBLE_DEVICES hidden); the test suite does, so this
 command cannot rot between the rare occasions a GPU is there. Results also go to `--json` (default
@@ -242,13 +242,15 @@ class Check:
         from distgan.bench.common import timed
 
         figures = []
-        for precision in ("fp32", "bf16"):
+        variants = {"fp32": ["train.precision=fp32"], "bf16": ["train.precision=bf16"],
+                    "bf16+channels_last": ["train.precision=bf16", "train.channels_last=true"]}  # fmt: skip
+        for name, overrides in variants.items():
             for batch in self.sizes.speed_batches:
-                tr = self._trainer(batch, f"train.precision={precision}")
+                tr = self._trainer(batch, *overrides)
                 for _ in range(self.sizes.warmup):
                     tr.train_step(*tr.draw())
                 sec = timed(lambda tr=tr: tr.train_step(*tr.draw()), self.sizes.speed_steps, tr.device)
-                figures.append(f"{precision} b{batch} {batch / sec:.0f}")
+                figures.append(f"{name} b{batch} {batch / sec:.0f}")
         return True, "img/s: " + ", ".join(figures), []
 
     def _trainer(self, batch: int, *overrides: str):

@@ -91,7 +91,7 @@ def bench_framework(cfg, steps: int, warmup: int, repeats: int, threads: int) ->
     ratio = ips["distgan"] / ips["plain"]
     print(
         f"bench train: {cfg.name}, batch {cfg.train.batch}, {cfg.model.resolution}px, "
-        f"precision {cfg.train.precision}, {threads} thread(s), device {dist.device}, torch {torch.__version__}"
+        f"precision {dist.precision.mode}, {threads} thread(s), device {dist.device}, torch {torch.__version__}"
     )
     for name in steppers:
         spread = ", ".join(f"{batch / t:.0f}" for t in results[name])

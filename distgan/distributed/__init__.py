@@ -80,6 +80,7 @@ class Dist:
         """This process group, set up for another precision and strategy (several runs in one group: tests)."""
         from distgan.errors import ConfigError
 
+        precision = resolve_precision(precision, self.device.type == "cpu")
         problem = bf16_problem(precision, self.device)
         if problem:
             raise ConfigError(problem)
@@ -322,18 +323,34 @@ def bf16_problem(precision: str, device: torch.device) -> str | None:
     )
 
 
-def setup(precision: str = "fp32", threads: int = 0, deterministic: bool = False, timeout_s: float = 1800,
+def resolve_precision(precision: str, use_cpu: bool) -> str:
+    """`train.precision=auto` made concrete: what the launcher asked for (`accelerate launch --mixed_precision
+    bf16|fp16`), else bf16 on a GPU with bfloat16 arithmetic (Ampere and later: no loss scaling, half the
+    activation bytes), else fp32 (older GPUs, where fp16 needs loss scaling and is asked for by name; and CPUs,
+    where bf16 autocast is slower than fp32 on most cores). Any other value is returned as it is."""
+    if precision != "auto":
+        return precision
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if launched in ("bf16", "fp16"):
+        return launched
+    if use_cpu:
+        return "fp32"
+    return "bf16" if bf16_problem("bf16", torch.device("cuda")) is None else "fp32"
+
+
+def setup(precision: str = "auto", threads: int = 0, deterministic: bool = False, timeout_s: float = 1800,
           strategy: str = "auto") -> Dist:  # fmt: skip
     """Start or join the process group for this launch and return the `Dist` handle, which carries the strategy
     (`auto` resolved from the launcher) and precision from then on."""
     world, local_world = launcher.world_size(), launcher.local_world_size()
+    cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    use_cpu = cuda_devices == 0
+    precision = resolve_precision(precision, use_cpu)
     launcher.check_precision(precision)
     strategy = launcher.resolve_strategy(strategy, precision)
-    cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
     problem = device_problem(expected_gpus(), cuda_devices, local_world)
     if problem:
         raise LaunchError(problem)
-    use_cpu = cuda_devices == 0
     if use_cpu:
         # Without this, `accelerate launch --multi_gpu` and torchrun on a CPU machine give N lone rank-0s.
         os.environ["ACCELERATE_USE_CPU"] = "true"
@@ -389,6 +406,11 @@ def setup(precision: str = "fp32", threads: int = 0, deterministic: bool = False
         torch.backends.cudnn.benchmark = False
     elif not use_cpu:
         torch.backends.cudnn.benchmark = True
+    if not use_cpu:
+        # TF32 tensor cores for fp32 matmuls on GPUs that have them (Ampere and later; cuDNN's convolutions use
+        # TF32 by default already): the fp32 parts of a bf16 run, and fp32 runs, at tensor-core speed, with
+        # 10-bit mantissas in the products. No effect on GPUs without TF32, nor on the CPU (left untouched).
+        torch.set_float32_matmul_precision("high")
 
     # Small host-side agreements (stop flags, objects, barriers) go through a gloo group of their own, on CPU too:
     # so the CPU tests run the code path of a GPU job, where the default group is NCCL and takes CUDA tensors only.

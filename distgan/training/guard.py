@@ -36,7 +36,7 @@ class NonFiniteGuard:
     def poison(loss: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """`loss`, unchanged when finite; otherwise made into a NaN gradient of `weight` (see the module doc)."""
         poison = torch.where(torch.isfinite(loss.detach()), 0.0, float("nan"))
-        return loss + poison * weight.view(-1)[0]
+        return loss + poison * weight[(0,) * weight.dim()]  # its first element, in any memory layout
 
     def begin_step(self) -> None:
         self._step = torch.zeros((), device=self.device)

@@ -23,6 +23,7 @@ from distgan import faults, launcher, rng, schedule
 from distgan.augment.controller import Augmentation
 from distgan.checkpoint import load_file, rank_file, read_manifest
 from distgan.config import micro_batches
+from distgan.distributed import resolve_precision
 from distgan.distributed.nets import make_adam
 from distgan.ema import EMA, ema_beta
 from distgan.errors import CheckpointError
@@ -42,7 +43,8 @@ class Trainer:
         t, lo = cfg.train, cfg.loss
         # Strategy and precision were decided once, when the process group was set up (distributed.setup): the
         # config must be the one they were decided from.
-        want = (t.precision, launcher.resolve_strategy(cfg.dist.strategy, t.precision))
+        precision = resolve_precision(t.precision, dist.device.type == "cpu")
+        want = (precision, launcher.resolve_strategy(cfg.dist.strategy, precision))
         if (dist.precision.mode, dist.strategy) != want:
             raise ValueError(
                 f"the process group was set up for {dist.precision.mode}/{dist.strategy} but the config asks for "
@@ -53,6 +55,7 @@ class Trainer:
         self.console = console
         self.device = dist.device
         self.precision = dist.precision
+        t.precision = dist.precision.mode  # `auto` made concrete: the run dir's config and checkpoints say which
         self.strategy = cfg.dist.strategy = dist.strategy
         # The batch: train.batch images per step over all ranks; each rank's share runs in `accum` micro-batches of
         # `micro` images (train.batch_per_gpu caps a forward's size; gradients accumulate over the micro-batches).
@@ -60,8 +63,16 @@ class Trainer:
 
         # Construct networks: identical initial weights on every rank (DDP would broadcast rank 0's anyway).
         torch.manual_seed(rng.derive_seed(t.seed, rng.INIT))
-        self.G_module = build_generator(cfg.model).to(self.device)
-        self.D_module = build_discriminator(cfg.model).to(self.device)
+        # train.channels_last: 4-d weights (and below, the reals) in NHWC; activations follow the weights. Not
+        # under ZeRO: DeepSpeed's engines broadcast and flatten the parameters through byte views that need the
+        # default layout (and would hand the weights back in it).
+        channels_last = t.channels_last and not dist.strategy.startswith("zero")
+        if t.channels_last and not channels_last and console is not None:
+            console.print(f"warning: train.channels_last is not applied under {dist.strategy} (DeepSpeed's flat "
+                          "parameter buffers take the default layout)")  # fmt: skip
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.G_module = build_generator(cfg.model).to(self.device, memory_format=self.memory_format)
+        self.D_module = build_discriminator(cfg.model).to(self.device, memory_format=self.memory_format)
         self.G_ema = EMA(self.G_module)
 
         # One Adam per network, fused where torch has the kernel (one kernel per update, and an update skipped on
@@ -251,6 +262,7 @@ class Trainer:
         images, labels = (batch.images, batch.labels) if hasattr(batch, "images") else (batch, None)
         x = images.to(self.device, non_blocking=True)
         x = x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.float()
+        x = x.contiguous(memory_format=self.memory_format)
         if not self.cfg.model.num_classes:
             labels = None
         elif labels is not None:

@@ -102,13 +102,22 @@ def _several_steps(rank, world, overrides, steps, sync):
             "loss.n_critic=2",
         ),
         ("model.num_classes=auto", "loss.r1_gamma=1", "loss.d_reg_interval=2"),  # the shapes' 4 classes
-        (*TINY["stylegan2"], "model.num_classes=auto", "train.precision=bf16"),
+        (*TINY["stylegan2"], "model.num_classes=auto", "train.precision=bf16", "train.channels_last=true"),
         (*TINY["biggan"], "model.num_classes=auto"),
         (*TINY["r3gan"], "model.num_classes=auto"),
         ("augment.kind=ada", "augment.p=0.5", "augment.ada_interval=1", "augment.ada_kimg=0.1"),
         (*TINY["stylegan2"], "augment.kind=diffaug"),
     ],
-    ids=["dcgan", "r1+pl+bf16+ncritic", "conditional", "stylegan2", "biggan", "r3gan", "ada", "stylegan2+diffaug"],
+    ids=[
+        "dcgan",
+        "r1+pl+bf16+ncritic",
+        "conditional",
+        "stylegan2+bf16+channels_last",
+        "biggan",
+        "r3gan",
+        "ada",
+        "stylegan2+diffaug",
+    ],  # fmt: skip
 )
 def test_parameters_identical_across_ranks_and_diverge_without_sync(overrides):
     synced = run_ranks(_several_steps, 2, overrides, 4, True)

@@ -146,12 +146,12 @@ def test_data_problems_are_one_line_and_exit_2_before_training(tmp_path, shards,
 @pytest.mark.parametrize("late_rank", ["0", "none"])
 def test_the_error_line_survives_rank_0_reporting_last(tmp_path, late_rank):
     """Every rank meets the same bad config; torchrun ends the others as soon as one exits. With rank 0 reaching its
-    line 5 s after rank 1 (the `report.slow` fault), its line must still be printed: rank 1 waits for it."""
+    line 3 s after rank 1 (the `report.slow` fault), its line must still be printed: rank 1 waits for it."""
     env = cli_env(DISTGAN_FAULTS=f"report.slow:rank={late_rank}")
     p = subprocess.run(
         [str(BIN / "torchrun"), "--nproc_per_node=2", "-m", "distgan.train", "--config", SMOKE, "train.batch=-4"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=patience(300),
     )  # fmt: skip
     errors = [line for line in p.stderr.splitlines() if line.startswith("distgan: error:")]
-    assert errors == [errors[0]] and "train.batch" in errors[0] and "rank 1" not in errors[0], p.stderr[-2000:]
+    assert len(errors) == 1 and "train.batch" in errors[0], p.stderr[-2000:]
     assert p.returncode != 0

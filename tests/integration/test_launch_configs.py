@@ -138,9 +138,10 @@ def test_deepspeed_config_launches_two_processes_with_what_strategy_auto_reads(t
         assert e["ACCELERATE_USE_DEEPSPEED"] == "true"
         assert e["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == str(stage)
         assert e["ACCELERATE_MIXED_PRECISION"] == "bf16"
-    # distgan under exactly that environment: dist.strategy=auto picks ZeRO-2; bf16 runs, the default fp32 is
-    # refused (the config decides precision).
+    # distgan under exactly that environment: dist.strategy=auto picks ZeRO-2; bf16 and the default (auto) run
+    # bf16, an explicit fp32 is refused (a config that names its precision decides).
     from distgan import launcher
+    from distgan.distributed import resolve_precision
     from distgan.errors import LaunchError
 
     with pytest.MonkeyPatch.context() as mp:
@@ -148,6 +149,8 @@ def test_deepspeed_config_launches_two_processes_with_what_strategy_auto_reads(t
             mp.setenv(k, v)
         assert launcher.resolve_strategy("auto", "bf16") == f"zero{stage}"
         launcher.check_precision("bf16")
+        launcher.check_precision("auto")
+        assert resolve_precision("auto", use_cpu=True) == "bf16"
         with pytest.raises(LaunchError, match="train.precision=bf16"):
             launcher.check_precision("fp32")
 

@@ -97,7 +97,7 @@ def test_all_invalid_values_reported_together():
 @pytest.mark.parametrize(
     "override, phrase",
     [
-        ("train.precision=fp8", "is not one of ['fp32', 'bf16', 'fp16']"),
+        ("train.precision=fp8", "is not one of ['auto', 'fp32', 'bf16', 'fp16']"),
         ("train.precision=no", "(YAML reads yes/no/on/off as booleans)"),
         ("train.batch=abc", "is not an integer"),
         ("train.batch=2.5", "is not an integer"),

@@ -8,7 +8,7 @@ import torch
 
 from conftest import patience
 from distgan.config import describe_batch, load_config, micro_batches
-from distgan.distributed import bf16_problem, device_problem, expected_gpus
+from distgan.distributed import bf16_problem, device_problem, expected_gpus, resolve_precision
 from distgan.errors import ConfigError
 
 
@@ -65,6 +65,32 @@ def test_bf16_on_a_gpu_without_bfloat16_is_a_config_error(monkeypatch):
     assert bf16_problem("bf16", cuda) is not None  # emulated bf16 does not count
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert bf16_problem("bf16", cuda) is None  # control: an Ampere-class GPU
+
+
+def test_precision_auto_is_bf16_on_a_bfloat16_gpu_fp32_elsewhere_or_what_the_launcher_asked(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla V100-SXM2-32GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 0))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert resolve_precision("auto", use_cpu=False) == "bf16"  # an Ampere-class GPU
+    assert resolve_precision("auto", use_cpu=True) == "fp32"  # a CPU: fp32, whatever the GPUs could do
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert resolve_precision("auto", use_cpu=False) == "fp32"  # emulated bf16 only (a V100): fp32, not fp16
+    for mode in ("fp32", "bf16", "fp16"):  # a named precision is kept, on any device
+        assert resolve_precision(mode, use_cpu=True) == resolve_precision(mode, use_cpu=False) == mode
+    for launched in ("bf16", "fp16"):  # `accelerate launch --mixed_precision X`: auto follows it
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launched)
+        assert resolve_precision("auto", use_cpu=True) == launched
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert resolve_precision("auto", use_cpu=True) == "fp32"
+
+
+def test_the_default_precision_runs_fp32_on_the_cpu_and_the_config_records_it():
+    from support import make_trainer
+
+    tr = make_trainer()
+    assert tr.precision.mode == "fp32" and tr.cfg.train.precision == "fp32"
+    assert load_config(None, []).train.precision == "auto"
 
 
 def test_the_global_batch_splits_into_per_gpu_micro_batches():

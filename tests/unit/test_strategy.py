@@ -131,3 +131,14 @@ def test_zero_files_pickle_enums_by_value_so_weights_only_loads_them():
     buf.seek(0)
     with torch.serialization.safe_globals([_Stage]), pytest.raises(Exception, match="getattr"):
         torch.load(buf, weights_only=True)
+
+
+def test_channels_last_under_zero_trains_in_the_default_layout():
+    """DeepSpeed broadcasts and flattens parameters through byte views that need the default layout: under ZeRO
+    train.channels_last is left out (with a warning), and the step runs; under DDP the weights are NHWC."""
+    require_deepspeed()
+    for strategy, nhwc in (("zero2", False), ("ddp", True)):
+        tr = make_trainer(f"dist.strategy={strategy}", "train.channels_last=true")
+        tr.train_step(*tr.draw())
+        convs = [p for p in tr.G_module.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+        assert convs and all(p.is_contiguous(memory_format=torch.channels_last) == nhwc for p in convs), strategy
