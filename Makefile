@@ -5,6 +5,7 @@
 #   make lint    ruff
 #   make bench   the training-step benchmark (figures, not a pass/fail test)
 #   make gpu-check  on a machine with a GPU: what only a GPU can show, in a few minutes, one table
+#   make bench-gpu  on a machine with a GPU: `distgan bench gpu`, the fast path measured (docs/performance.md)
 #   make docs    regenerate docs/config-reference.md from the config dataclasses (a test fails when it is stale)
 
 PYTHON  ?= python3
@@ -19,7 +20,7 @@ CONFIG  ?= configs/default.yaml
 RUN_DIR ?=
 STAMP   := $(VENV)/.installed
 
-.PHONY: install train test test-fast lint bench gpu-check docs clean
+.PHONY: install train test test-fast lint bench gpu-check bench-gpu docs clean
 
 install: $(STAMP)
 
@@ -57,6 +58,9 @@ bench: install
 
 gpu-check: install
 	$(VENV)/bin/distgan gpu-check
+
+bench-gpu: install
+	$(VENV)/bin/distgan bench gpu
 
 docs: install
 	$(VENV)/bin/distgan config-reference --out docs/config-reference.md

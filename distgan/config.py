@@ -142,6 +142,11 @@ class TrainConfig:
         "G, D and the batches in channels-last memory (NHWC): the layout GPU tensor cores convolve fastest; "
         "the same results up to rounding (not applied under ZeRO)",
     )
+    compile: Literal["none", "default", "max-autotune"] = _f(
+        "none",
+        "torch.compile G's and D's forwards of the main phases (default, or max-autotune: longer to compile, "
+        "faster kernels); the penalties' forwards stay eager. Compile time is logged and kept out of img/s",
+    )
     ema_kimg: float = _f(10.0, "half-life of G's exponential moving average, in kimg (0 = no averaging)")
     ema_rampup: float = _f(0.05, "early in training cap the half-life at this fraction of images seen (0 = off)")
     reuse_fake: bool = _f(True, "G step reuses the last D step's fakes (saves one G forward per step)")

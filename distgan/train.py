@@ -53,6 +53,7 @@ RESUMABLE_CHANGES = (
     "train.hang_timeout_s",
     "train.threads",
     "train.channels_last",  # a memory layout: the same model, the same results up to rounding
+    "train.compile",  # the same model, the same results up to rounding
     "train.progress",
     "data.root",
     "data.download",

@@ -69,7 +69,17 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 def pytest_collection_finish(session):
     """A whole-suite run must collect every tests/**/test_*.py: pytest's default norecursedirs once hid a folder
-    named tests/dist from `make test` without a word. Running a subset (`pytest tests/unit`) is not checked."""
+    named tests/dist from `make test` without a word. Running a subset (`pytest tests/unit`) is not checked.
+
+    And a test module with a `start_in_background()` gets it called now, once the session is known to run one of
+    its tests named in its BACKGROUND_FOR:
+    long CPU work (compiling every family) then starts at the suite's beginning, niced, on the CPU the other
+    tests leave idle, and the module's test waits for its results when its turn comes."""
+    for item in session.items:
+        start = getattr(getattr(item, "module", None), "start_in_background", None)
+        if start is not None and item.name in getattr(item.module, "BACKGROUND_FOR", ()):
+            if not session.config.option.collectonly:
+                start()
     opt = session.config.option
     if [Path(a).resolve() for a in session.config.args] != [REPO / "tests"] or opt.keyword or opt.markexpr:
         return

@@ -126,6 +126,25 @@ def run_ranks(fn, world: int, *args, timeout: float = 180):
         raise AssertionError(str(e)) from None
 
 
+def outputs_after_two_steps(family: str, *extra: str):
+    """(trainer, G_ema's images, D's logits) on fixed inputs after two training steps of a TINY `family`, every
+    phase at step 0 (a class-conditional model on the shapes' 4 classes)."""
+    import torch
+
+    tr = make_trainer(*TINY[family], "model.num_classes=auto", *extra)
+    for _ in range(2):
+        tr.train_step(*tr.draw())
+    z = torch.randn(16, tr.cfg.model.z_dim, generator=torch.Generator().manual_seed(1))
+    c = torch.arange(16) % 4
+    res = tr.cfg.model.resolution
+    x = torch.rand(16, 3, res, res, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    torch.manual_seed(0)  # StyleGAN2's noise inputs
+    images = tr.sample(z, c).float()
+    with torch.no_grad():
+        logits = tr.D_module(x, c).float()
+    return tr, images, logits
+
+
 def side_by_side(fn, keys, timeout: float) -> dict:
     """{key: fn(0, 1, key)} for each key, each in its own fresh process (run_local, a world of one), all at once: the
     2 cores of a test machine run two learning runs in about the time of one. The first failure is raised."""

@@ -1,6 +1,7 @@
 """`distgan bench train`: distgan's training step against a plain PyTorch loop, and 2 ranks against 1.
 
     distgan bench train --config configs/default.yaml [--steps 40] [--repeats 3] [--no-scaling]
+    distgan bench train --compile [default|max-autotune] [--config C] [KEY=VALUE ...]
 
 Part 1, framework cost: distgan's training step (Trainer.train_step with its data draw, phases, EMA and stats)
 against a plain eager PyTorch loop of the same networks, batch and optimizer hyper-parameters, written the way
@@ -16,6 +17,15 @@ images per step). Also measured: 2 processes training separately with no process
 processes get out of this machine (shared caches and memory bandwidth); the gap between that and the DDP
 figure is what communication costs. Target on CPU: speed-up >= 1.8x.
 
+--compile (instead of parts 1 and 2): eager against train.compile, for the config given or, without --config,
+for every shipped config (configs/*.yaml), one after the other in one process. Each config builds two
+Trainers on the same data: eager, and compiled. "compile" is the wall time TorchDynamo reported compiling
+during the compiled trainer's warm-up steps (distgan/distributed/compiled.py's clock), kept out of its img/s;
+then the two alternate in rounds, each reporting its median img/s, and "recompiles" counts compilations during
+the timed rounds (0 expected). Overrides apply to every config (on a CPU: train.batch=8 keeps the GPU configs
+to minutes). No target: on a CPU the C++ kernels inductor writes may win or lose against oneDNN's; the GPU
+figures are `distgan bench gpu`'s.
+
 These are benchmarks, not tests: they print figures and whether each target was met; `--check` makes a missed
 target exit with code 1.
 """
@@ -28,19 +38,31 @@ import sys
 from distgan.bench.common import bench_stream, child_world, current_memory_mb, make_steppers, peak_memory_mb, timed
 from distgan.local_launch import run_local
 
+DEFAULT_CONFIG = "configs/default.yaml"
 TARGET_RATIO = 1.0
 TARGET_SPEEDUP = 1.8
 
 
 def add_parser(sub) -> None:
     t = sub.add_parser("train", help="training-step throughput and memory vs a plain PyTorch loop; 2-rank scaling")
-    t.add_argument("--config", default="configs/default.yaml")
+    t.add_argument(
+        "--config",
+        default=None,
+        help="the config (default: configs/default.yaml; with --compile: every shipped config)",
+    )
     t.add_argument("--steps", type=int, default=30, help="timed steps per segment")
     t.add_argument("--warmup", type=int, default=5)
     t.add_argument("--repeats", type=int, default=5, help="alternating rounds per measurement")
     t.add_argument("--threads", type=int, default=1, help="torch threads for part 1 (part 2 always uses 1)")
     t.add_argument("--no-scaling", action="store_true", help="skip part 2")
     t.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    t.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        choices=["default", "max-autotune"],
+        help="eager vs train.compile img/s and compile time (instead of parts 1 and 2)",
+    )
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
 
@@ -49,8 +71,10 @@ def run(args) -> int:
     from distgan.errors import UserError
     from distgan.train import resolve_classes
 
+    if args.compile:
+        return bench_compile(args)
     try:
-        cfg = load_config(args.config, args.overrides).validate()
+        cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides).validate()
         if cfg.model.num_classes == "auto":  # the benchmark trains on stand-in images: only the count matters
             try:
                 resolve_classes(cfg)
@@ -162,3 +186,78 @@ def _scaling_child(rank, world, cfg, per_rank, steps, warmup, together: bool) ->
     sec = timed(lambda: trainer.train_step(*trainer.draw()), steps, dist.device)
     dist.close()
     return cfg.train.batch * cfg.loss.n_critic / sec
+
+
+# ---------------------------------------------------------------------- --compile
+
+
+def bench_compile(args) -> int:
+    """Eager vs compiled img/s and compile time, per config (see the module's docstring)."""
+    from pathlib import Path
+
+    from distgan.config import load_config
+    from distgan.errors import UserError
+    from distgan.train import resolve_classes
+
+    if args.config:
+        paths = [Path(args.config)]
+    else:
+        paths = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+    cfgs = []
+    try:
+        for path in paths:
+            cfg = load_config(path, args.overrides).validate()
+            note = ""
+            if cfg.model.num_classes == "auto":  # stand-in images: only the count of classes matters
+                try:
+                    resolve_classes(cfg)
+                except UserError:
+                    cfg.model.num_classes, note = 10, " (its data is not here: 10 classes assumed)"
+            cfgs.append((path.stem, cfg, note))
+    except UserError as e:
+        print(f"distgan: error: {e}", file=sys.stderr)
+        return e.exit_code
+    print(f"bench train --compile {args.compile}: {len(cfgs)} config(s), {args.threads} thread(s), "
+          f"{args.warmup} warm-up and {args.steps} timed steps x {args.repeats} rounds each")  # fmt: skip
+    for name, cfg, note in cfgs:
+        r = compile_figures(cfg, args.compile, args.steps, args.warmup, args.repeats, args.threads)
+        print(f"  {name:<18} batch {cfg.train.batch:>3}, {r['precision']}: eager {r['eager']:8.1f} img/s   "
+              f"compiled {r['compiled']:8.1f} img/s   x{r['compiled'] / r['eager']:.2f}   compile "
+              f"{r['compile_s']:6.1f} s ({r['compilations']} compilations), recompiles {r['recompiles']}"
+              f"{note}")  # fmt: skip
+    return 0
+
+
+def compile_figures(cfg, mode: str, steps: int, warmup: int, repeats: int, threads: int) -> dict:
+    """{"eager", "compiled"} img/s (medians of alternating rounds), the compile time and compilations of the
+    compiled trainer's warm-up, and the compilations during the timed rounds ("recompiles")."""
+    import copy
+
+    from distgan import distributed
+    from distgan.distributed.compiled import CLOCK
+    from distgan.training import Trainer
+
+    dist = distributed.setup(cfg.train.precision, threads=threads)
+    fast = copy.deepcopy(cfg)
+    fast.train.compile = mode
+    steppers = {}
+    for name, c in (("eager", cfg), ("compiled", fast)):
+        trainer = Trainer(c, dist, bench_stream(c))
+        steppers[name] = lambda trainer=trainer: trainer.train_step(*trainer.draw())
+    steppers["eager"]()
+    count0, sec0 = CLOCK.read()
+    for _ in range(max(1, warmup)):
+        steppers["compiled"]()
+    count1, sec1 = CLOCK.read()
+    for _ in range(max(0, warmup - 1)):
+        steppers["eager"]()
+    times: dict[str, list[float]] = {name: [] for name in steppers}
+    for _ in range(repeats):
+        for name, fn in steppers.items():
+            times[name].append(timed(fn, steps, dist.device))
+    batch = cfg.train.batch * cfg.loss.n_critic
+    out = {name: batch / statistics.median(t) for name, t in times.items()}
+    out.update(compile_s=sec1 - sec0, compilations=count1 - count0, recompiles=CLOCK.read()[0] - count1,
+               precision=dist.precision.mode)  # fmt: skip
+    dist.close()
+    return out

@@ -4,6 +4,7 @@ torch.distributed.
     __init__.py   setup() -> Dist: the process group, the device, the few collectives the trainer needs
     nets.py       Net: one network as the phases drive it (the three rules); TorchNet: DDP or a plain module
     zero.py       ZeroNet: one network as a DeepSpeed ZeRO-1/2 engine (imported only for dist.strategy=zeroN)
+    compiled.py   train.compile: the compiled forwards (Net.compile) and the clock of compile time
 
 The launcher is an input. `torchrun`, `accelerate launch`, `srun` (through slurm/train.sh) and a plain `python`
 all end up in `setup()`, which starts (or joins) the process group through Accelerate, checks that Accelerate
@@ -65,6 +66,8 @@ class Dist:
     # Decided once at start (setup): how G and D are spread (ddp, zero1, zero2) and the precision they run in.
     strategy: str = "ddp"
     precision: Precision | None = None
+    # DDP even in a world of one (`bench gpu` measures DDP's own cost on one GPU; training never wants it).
+    ddp_alone: bool = False
 
     def __post_init__(self):
         if self.device.type == "cpu":
@@ -113,7 +116,11 @@ class Dist:
         if self.world_size == 1:
             # `torchrun --nproc_per_node=1` makes Accelerate start a process group of one and wrap in DDP, whose
             # all-reduces with itself cost ~10% of a CPU step for nothing.
-            return module
+            if not self.ddp_alone:
+                return module
+            ensure_world_of_one(self.device)
+            ids = [self.device.index or 0] if self.device.type == "cuda" else None
+            return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
         with warnings.catch_warnings():
             # torch >= 2.14 renames DDP's broadcast_buffers (Accelerate still passes the old name); same meaning.
             warnings.filterwarnings("ignore", message=".*broadcast_buffers.*deprecated", category=FutureWarning)
@@ -336,6 +343,17 @@ def resolve_precision(precision: str, use_cpu: bool) -> str:
     if use_cpu:
         return "fp32"
     return "bf16" if bf16_problem("bf16", torch.device("cuda")) is None else "fp32"
+
+
+def ensure_world_of_one(device: torch.device) -> None:
+    """A process group of one in memory (NCCL on a GPU, gloo on a CPU) when none was started: DeepSpeed needs one
+    even for a plain `python` start, and so does DDP in a world of one (`Dist.ddp_alone`)."""
+    if torch.distributed.is_initialized():
+        return
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)  # DeepSpeed asserts a launcher's variables
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
 
 
 def setup(precision: str = "auto", threads: int = 0, deterministic: bool = False, timeout_s: float = 1800,

@@ -6,6 +6,7 @@ what each forward is for:
     D(x, c)          a forward in D's own phase: its loss is backpropagated into D's own step
     D.penalty(x, c)  a forward whose input gradient is taken (R1, WGAN-GP; G's path length), create_graph=True
     D.frozen(x, c)   a forward while the *other* network trains (D in G's phase): no gradient reaches D
+    G.plain(z, c)    a forward without gradients (G's fakes for D when no graph is kept)
 (`x` the input whose gradient the rules are about; `c` the class labels, or None, passed through.)
     D.backward(loss) accumulate the gradients of one micro-batch (reduced across ranks with the last one)
     D.step()         -> (gradient norm, skipped): the update, skipped on the device when a gradient is not finite
@@ -32,6 +33,9 @@ that breaks it, never a wrong result:
     3. a frozen network is called through `frozen()` (its plain module), never through its wrapper or engine.
 
 A violation raises `PhaseError` (a bug in the caller: exit code 1 with a traceback).
+
+train.compile: `compile(mode)` compiles the own-phase, frozen and plain forwards (compiled.py says which and
+why); penalty() stays eager, on the same parameters.
 """
 
 from __future__ import annotations
@@ -58,6 +62,18 @@ class Net:
         self.scaler = scaler if scaler is not None else torch.amp.GradScaler(self.params[0].device.type, enabled=False)
         self.accum = accum  # micro-batches per step
         self._last = True  # the current micro-batch is the last of its step: its backward reduces the gradients
+        self._fast = None  # train.compile: the compiled plain module (frozen and plain forwards), else None
+
+    def compile(self, mode: str) -> None:
+        """Compile this network's forwards except penalty() (train.compile; see compiled.py)."""
+        from distgan.distributed.compiled import compile_forward
+
+        self._fast = compile_forward(self.module, mode)
+        self._compile_train(mode)
+
+    def _compile_train(self, mode: str) -> None:
+        """Compile the own-phase forward (strategies: through their wrapper)."""
+        raise NotImplementedError
 
     @contextlib.contextmanager
     def micro_batch(self, index: int):
@@ -104,7 +120,11 @@ class Net:
                 f"{self.name} is called while the other network trains but is not frozen; freeze it with "
                 f"{self.name}.set_trainable(False) first, or the other network's backward reaches it (rule 1)"
             )
-        return self.module(x, c)
+        return (self.module if self._fast is None else self._fast)(x, c)
+
+    def plain(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        """A forward for its output only (call it under torch.no_grad()): G's fakes for D's phase."""
+        return (self.module if self._fast is None else self._fast)(x, c)
 
     def set_trainable(self, flag: bool) -> None:
         for p in self.params:
@@ -168,9 +188,17 @@ class TorchNet(Net):
     def __init__(self, name, module, optimizer, wrapped: nn.Module, scaler=None, accum: int = 1):
         super().__init__(name, module, optimizer, scaler, accum)
         self.wrapped = wrapped  # DDP(module), or the module itself in a world of one
+        self._fast_train = None  # train.compile: the compiled wrapper
+
+    def _compile_train(self, mode):
+        from distgan.distributed.compiled import compile_forward
+
+        # torch.compile(DDP(m)): DDP's own forward (its reducer, buffer broadcast) runs as always, the module
+        # inside it compiled, split at DDP's buckets. In a world of one the wrapper is the module: one compile.
+        self._fast_train = self._fast if self.wrapped is self.module else compile_forward(self.wrapped, mode)
 
     def _train_forward(self, x, c):
-        return self.wrapped(x, c)
+        return (self.wrapped if self._fast_train is None else self._fast_train)(x, c)
 
     def _penalty_forward(self, x, c, **kwargs):
         # Through DDP as well: only a forward through the wrapper arms its reducer for the coming backward.

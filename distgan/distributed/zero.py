@@ -43,6 +43,7 @@ import types
 
 import torch
 
+from distgan.distributed import ensure_world_of_one
 from distgan.distributed.nets import Net
 
 if "DS_ACCELERATOR" not in os.environ:  # read once, when deepspeed is imported
@@ -170,7 +171,7 @@ class ZeroNet(Net):
     def __init__(self, name, module, optimizer, stage: int, precision: str, micro_batch: int, device, accum: int = 1):
         super().__init__(name, module, optimizer, accum=accum)
         self.strategy = f"zero{stage}"
-        _ensure_process_group(device)
+        ensure_world_of_one(device)
         numel = sum(p.numel() for p in self.params)
         config = ds_config(stage, precision, micro_batch, numel=numel, accum=accum, device_type=device.type)
         engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
@@ -179,8 +180,21 @@ class ZeroNet(Net):
         self._io = _InMemory(prefix=f"ds-{name}-")
         engine.checkpoint_engine = self._io
 
+    def _compile_train(self, mode):
+        pass  # the engine's forward calls the compiled module (below)
+
     def _train_forward(self, x, c):
-        return self.engine(x, c)
+        if self._fast is None:
+            return self.engine(x, c)
+        # DeepSpeed's own forward (its optimizer's per-forward bookkeeping, the hooks that start its backward)
+        # with the compiled module in the module's place for this one call. (DeepSpeed's engine.compile() would
+        # compile the module itself, in place: penalty() would then run compiled too, which it cannot.)
+        modules = self.engine._modules
+        modules["module"] = self._fast
+        try:
+            return self.engine(x, c)
+        finally:
+            modules["module"] = self.module
 
     def _penalty_forward(self, x, c, **kwargs):
         # Rule 2: a forward whose input gradient is taken (create_graph) goes through the plain module; the
@@ -245,13 +259,3 @@ class ZeroNet(Net):
     def state_tensors(self) -> list[torch.Tensor]:
         # The optimizer's parameters are ZeRO's fp32 partitions (master weights) of this rank.
         return super().state_tensors() + [p for g in self.optimizer.param_groups for p in g["params"]]
-
-
-def _ensure_process_group(device) -> None:
-    """DeepSpeed needs a process group even for one process (a plain `python` start): a world of one in memory."""
-    if torch.distributed.is_initialized():
-        return
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-        os.environ.setdefault(key, value)  # DeepSpeed asserts a launcher's variables
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)

@@ -88,8 +88,15 @@ def attention_resolution(attn_res: int | str, resolution: int) -> int:
 
 
 class SpectralNorm(_SpectralNorm):
-    """torch's spectral-norm parametrisation, run with autocast off (see the module docstring)."""
+    """torch's spectral-norm parametrisation, run with autocast off (see the module docstring), and always eager.
 
+    Under train.compile the weight's normalisation runs outside the compiled graphs (a graph break at each
+    spectrally normalised layer; the activations between them are still compiled and fused). Compiled, the power
+    iteration's in-place update of _u and _v becomes a mutation of a graph input that the backward keeps, and D
+    runs on reals and on fakes before one backward: the second forward's update overwrote what the first one's
+    backward needs ("modified by an inplace operation"). Eager, torch clones u and v for the backward."""
+
+    @torch.compiler.disable
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not torch.amp.is_autocast_available(weight.device.type):  # e.g. "meta": nothing to turn off
             return super().forward(weight)

@@ -98,7 +98,10 @@ def upsample(x: torch.Tensor) -> torch.Tensor:
 def downsample(x: torch.Tensor) -> torch.Tensor:
     """[N, C, H, W] -> [N, C, H/2, W/2]: the [1, 2, 1] blur as two 2-tap averages, then a 2x2 average of stride 2;
     [1, 3, 3, 1] / 8 in all, the low-pass that bilinear upsampling's adjoint applies (edges replicate)."""
-    x = F.pad(x, (1, 1, 1, 1), mode="replicate")  # [N, C, H+2, W+2]
+    # Replicate padding as copies of the edge rows and columns: the same values as F.pad(mode="replicate"), whose
+    # backward's shape function under torch.compile expects other strides than its kernel returns (torch 2.14).
+    x = torch.cat([x[:, :, :1], x, x[:, :, -1:]], dim=2)
+    x = torch.cat([x[..., :1], x, x[..., -1:]], dim=3)  # [N, C, H+2, W+2]
     x = F.avg_pool2d(F.avg_pool2d(x, 2, stride=1), 2, stride=1)  # [1, 2, 1] / 4 per axis: [N, C, H, W]
     return F.avg_pool2d(x, 2)  # [1, 1] / 2 per axis, stride 2
 

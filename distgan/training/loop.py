@@ -27,6 +27,7 @@ import torch
 
 from distgan import faults
 from distgan.checkpoint import CheckpointManager
+from distgan.distributed.compiled import CLOCK
 from distgan.errors import DataError, Diverged, Interrupted
 from distgan.tracking import NullTracker
 
@@ -61,7 +62,8 @@ def fit(tr, tracker=None, stop=None, watchdog=None, on_step=None) -> dict[str, f
         tr.snapshots.write_samples(tr.cur_nimg, tr.tracker)
 
     start_nimg, start_time = tr.cur_nimg, time.time()
-    tr._tick = (tr.cur_nimg, time.time())
+    compile0 = CLOCK.read()[1]
+    tr._tick = (tr.cur_nimg, time.time(), compile0)
     last_stats: dict[str, float] = {}
     ckpt_pending = False
     if tr.console is not None:
@@ -80,6 +82,8 @@ def fit(tr, tracker=None, stop=None, watchdog=None, on_step=None) -> dict[str, f
         batch = tr.draw()
         tr._mark("data ready")
         tr.train_step(*batch)
+        if tr._compiles_first is None:  # compilations after this one are recompilations (compiled.py)
+            tr._compiles_first = CLOCK.read()[0]
         signum = stop.end_step() if stop is not None else 0
         if on_step is not None:
             on_step(tr)
@@ -128,8 +132,9 @@ def fit(tr, tracker=None, stop=None, watchdog=None, on_step=None) -> dict[str, f
         tr.console.close_bar()
 
     wall = time.time() - start_time
-    return {"kimg": tr.cur_nimg / 1000, "wall_s": wall, "img_per_sec": (tr.cur_nimg - start_nimg) / max(wall, 1e-9),
-            **last_stats}  # fmt: skip
+    compile_s = CLOCK.read()[1] - compile0  # (0 without train.compile)
+    return {"kimg": tr.cur_nimg / 1000, "wall_s": wall, "compile_s": compile_s,
+            "img_per_sec": (tr.cur_nimg - start_nimg) / max(wall - compile_s, 1e-9), **last_stats}  # fmt: skip
 
 
 # ---------------------------------------------------------------------- logs
@@ -141,10 +146,10 @@ def _log_tick(tr, total_nimg: int) -> dict[str, float]:
         tr.stats.report_sum(name, count)
     values = tr.stats.reduce(tr.dist)  # collective: every rank
     _check_data(tr, values)
-    now = time.time()
-    nimg0, t0 = tr._tick
-    tr._tick = (tr.cur_nimg, now)
-    img_s = (tr.cur_nimg - nimg0) / max(now - t0, 1e-9)
+    now, (compiles, compile_s) = time.time(), CLOCK.read()
+    nimg0, t0, compile_s0 = tr._tick
+    tr._tick = (tr.cur_nimg, now, compile_s)
+    img_s = (tr.cur_nimg - nimg0) / max(now - t0 - (compile_s - compile_s0), 1e-9)  # compiling is not training
     values.update(
         {
             "Progress/step": tr.step_idx,
@@ -156,6 +161,13 @@ def _log_tick(tr, total_nimg: int) -> dict[str, float]:
             "Progress/rollbacks": tr.guard.rollbacks,
         }
     )
+    if tr.cfg.train.compile != "none":  # this process's compilations (rank 0's on the dashboard)
+        values["Compile/seconds"] = compile_s
+        values["Compile/recompiles"] = recompiles = compiles - (tr._compiles_first or compiles)
+        if recompiles > tr._recompiles_seen:  # a steady run compiles once; say so when it does not
+            tr._recompiles_seen = recompiles
+            _warn(tr, f"torch.compile recompiled {recompiles} time(s) since the first step (a new input shape, "
+                      "dtype or grad mode); TORCH_LOGS=recompiles names the reason")  # fmt: skip
     if tr.dist.is_main:
         kimg = tr.cur_nimg / 1000
         if tr.run_dir is not None:
@@ -210,7 +222,7 @@ def _rollback(tr, ckpts: CheckpointManager | None, why: str) -> None:
     tr.nimg_discarded = discarded + nimg - tr.cur_nimg
     tr.tracker.step_offset = tr.nimg_discarded
     tr.stats.reset()
-    tr._tick = (tr.cur_nimg, time.time())
+    tr._tick = (tr.cur_nimg, time.time(), CLOCK.read()[1])
     _warn(tr, f"{why}; rolled back to {path.name} ({g.rollbacks} of train.max_rollbacks={limit})")
     tr.tracker.alert(
         f"Rolled back ({g.rollbacks} of {limit})",

@@ -99,7 +99,7 @@ class GANStep:
     def run_G(self, z: torch.Tensor, c: torch.Tensor | None, how: str = "train", **kwargs):
         with torch.set_grad_enabled(how != "plain"), self.precision.autocast():
             if how == "plain":
-                return self.G.module(z, c)
+                return self.G.plain(z, c)
             return self.G.penalty(z, c, **kwargs) if how == "penalty" else self.G(z, c)
 
     def run_D(self, x: torch.Tensor, c: torch.Tensor | None, how: str, gen: torch.Generator) -> torch.Tensor:

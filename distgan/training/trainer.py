@@ -95,6 +95,14 @@ class Trainer:
         self.G = dist.make_net("G", self.G_module, self.opt_G, self.micro, self.accum)
         self.D = dist.make_net("D", self.D_module, self.opt_D, self.micro, self.accum)
         self.nets = {"G": self.G, "D": self.D}
+        self._compiles_first: int | None = None  # compilations after the first step (loop.py), and warned of
+        self._recompiles_seen = 0
+        if t.compile != "none":  # train.compile: the main phases' forwards (distributed/compiled.py)
+            for net in self.nets.values():
+                net.compile(t.compile)
+            if console is not None:
+                console.print(f"train.compile={t.compile}: G and D compile during the first step (minutes on a "
+                              "CPU); that time is logged as Compile/seconds and kept out of img/s")  # fmt: skip
         # Randomness inside the networks' forwards (StyleGAN2's noise inputs and style mixing) comes from torch's
         # global generator: seeded here per rank, after the strategy's setup (DeepSpeed's engines draw from it),
         # so the ranks draw different noise, DDP and ZeRO the same, and a checkpoint's rank state carries it on.

@@ -17,8 +17,10 @@ Every run samples every 3 steps (= BatchNorm buffers averaged over ranks at step
 at 6 and 9 sync buffers exactly where the straight run does too.
 
 The same test runs under DDP and under ZeRO-2 (two DeepSpeed engines, saved and loaded through DeepSpeed's own
-checkpoint code inside distgan's): under ZeRO each rank's optimizer digest is of its own partition, so the ranks'
-optimizer states differ (the control that the state really is partitioned) while each matches its straight run.
+checkpoint code inside distgan's), the ZeRO-2 run with train.compile (compiled forwards do not change what a
+checkpoint holds, and a resumed process compiles again): under ZeRO each rank's optimizer digest is of its own
+partition, so the ranks' optimizer states differ (the control that the state really is partitioned) while each
+matches its straight run.
 And with every other family, two of them class-conditional on labelled shards (labels travel with their images
 through the resume, and the fakes' labels are drawn from the same (seed, rank, images seen) after it), and with
 ADA and DiffAugment.
@@ -50,13 +52,14 @@ AUGMENT = {
 
 def _args(folder, end_step, strategy):
     # "+classes": a class-conditional model on labelled shards; "+stylegan2": that family (support.TINY); "+ada":
-    # that augmentation (AUGMENT)
+    # that augmentation (AUGMENT); "+compile": train.compile=default
     strategy, *extras = strategy.split("+")
     return (
         f"dist.strategy={strategy}",
         *(["model.num_classes=auto"] if "classes" in extras else []),
         *(o for e in extras if e in TINY for o in TINY[e]),
         *(o for e in extras if e in AUGMENT for o in AUGMENT[e]),
+        *(["train.compile=default"] if "compile" in extras else []),
         "data.source=shards",
         f"data.shards={folder}",
         "data.workers=1",
@@ -142,9 +145,10 @@ def _segment(dist, folder, strategy, run_dir, end_step, resume, control):
 
 @pytest.mark.parametrize(
     "strategy",
-    # DCGAN under ZeRO-2 here; DCGAN under DDP resumes exactly in tests/slurm/test_slurm.py's preemption tests and
-    # `gpu-check --dry`'s stop + resume; labels through a resume: the conditional family variants
-    [pytest.param("zero2", marks=pytest.mark.deepspeed),
+    # DCGAN under ZeRO-2 here, compiled (train.compile: the compiled main phases beside the eager R1-free recipe,
+    # every launch compiling afresh); DCGAN under DDP resumes exactly in tests/slurm/test_slurm.py's preemption
+    # tests and `gpu-check --dry`'s stop + resume; labels through a resume: the conditional family variants
+    [pytest.param("zero2+compile", marks=pytest.mark.deepspeed),
      # the other families, each with what it carries across a resume: StyleGAN2 its w_avg, noise and style-mixing
      # draws (torch's generator, in the rank state) and path-length mean; BigGAN spectral norm's u and v and
      # BatchNorm statistics; R3GAN its ramped lr and R1 weight (functions of the images seen)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from distgan.models import FAMILIES
-from support import TINY, make_trainer
+from support import TINY, make_trainer, outputs_after_two_steps
 
 FAMILY_NAMES = sorted(TINY)
 
@@ -132,21 +132,6 @@ def test_augmentation_trains_under_every_precision(family, kind, precision):
         assert ps == [None] * len(ps)
 
 
-def _outputs_after_two_steps(family: str, *extra: str):
-    """G_ema's images and D's logits on fixed inputs after two training steps (every phase at step 0)."""
-    tr = make_trainer(*TINY[family], "model.num_classes=auto", *extra)
-    for _ in range(2):
-        tr.train_step(*tr.draw())
-    z = torch.randn(16, tr.cfg.model.z_dim, generator=torch.Generator().manual_seed(1))
-    c = torch.arange(16) % 4
-    x = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
-    torch.manual_seed(0)  # StyleGAN2's noise inputs
-    images = tr.sample(z, c).float()
-    with torch.no_grad():
-        logits = tr.D_module(x, c).float()
-    return tr, images, logits
-
-
 # channels_last (NHWC) reorders the convolutions' sums, and Adam's first steps turn a rounding difference in a
 # near-zero gradient into a whole step (lr) of that weight (BigGAN's biases before BatchNorm have a zero gradient
 # up to rounding). Measured after two steps: DCGAN and R3GAN differ by < 1e-6; BigGAN's images by 0.3% and
@@ -156,12 +141,12 @@ LAYOUT_TOL = 0.02
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_channels_last_trains_what_the_default_layout_trains(family):
-    want_images, want_logits = _outputs_after_two_steps(family)[1:]
-    tr, images, logits = _outputs_after_two_steps(family, "train.channels_last=true")
+    want_images, want_logits = outputs_after_two_steps(family)[1:]
+    tr, images, logits = outputs_after_two_steps(family, "train.channels_last=true")
     conv = next(p for p in tr.G_module.parameters() if p.dim() == 4 and p.shape[-1] > 1)  # (1x1: both layouts)
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     for got, want in ((images, want_images), (logits, want_logits)):
         torch.testing.assert_close(got, want, rtol=0, atol=LAYOUT_TOL * want.abs().max().item())
     # Control: another training seed is far outside that tolerance (the comparison can fail).
-    other = _outputs_after_two_steps(family, "train.seed=1")[1]
+    other = outputs_after_two_steps(family, "train.seed=1")[1]
     assert (other - want_images).abs().max() > 5 * LAYOUT_TOL * want_images.abs().max()
