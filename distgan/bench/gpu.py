@@ -19,10 +19,10 @@ it times distgan's training step in five ways, after a warm-up, on in-memory ima
     bf16+cl+compile    bf16, channels_last and train.compile=default: distgan's fast path, all on
 
 and reports img/s, its ratio to the plain loop, s/kimg, the peak memory of the cell (CUDA's allocator, reset per
-cell; not measured on the CPU), the compile time (kept out of img/s) and, for the fp32 and the fastest cells,
-the model FLOPs utilisation: FLOPs per image (torch.utils.flop_counter over the steps of one regularisation
-period, penalties and their double backwards included) x img/s, as a share of the GPU's dense bf16 peak
-(a table of known GPUs; --peak-tflops for others).
+cell; not measured on the CPU), the compile time (kept out of img/s) and the model FLOPs utilisation: FLOPs
+per image (torch.utils.flop_counter over the steps of one regularisation period, penalties and their double
+backwards included) x img/s, as a share of the GPU's dense bf16 peak (a table of known GPUs; --peak-tflops for
+others).
 
 Then for DCGAN-64: bf16 in a 1-rank NCCL process group, DDP-wrapped (DDP's own cost; training a world of one
 skips DDP), and ZeRO-2 bf16 through DeepSpeed; and an fp16 run with R1 at every step from loss scale 2^16, which
@@ -67,7 +67,7 @@ MODELS = (
 )  # fmt: skip
 
 # --dry: the same networks' code at CPU sizes (the cells' plumbing, not their speed). Compiling costs minutes per
-# family on 2 cores, so --dry compiles DCGAN only (tests/unit/test_compile.py compiles every family).
+# family on 2 cores, so --dry compiles DCGAN only (tests/unit/test_compile_families.py compiles every family).
 DRY = {
     "DCGAN-64": ("model.resolution=32", "model.dcgan.g_width=8", "model.dcgan.d_width=8", "model.z_dim=16"),
     "BigGAN-128": ("model.resolution=32", "model.biggan.g_width=8", "model.biggan.d_width=8",

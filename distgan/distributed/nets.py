@@ -69,11 +69,6 @@ class Net:
         from distgan.distributed.compiled import compile_forward
 
         self._fast = compile_forward(self.module, mode)
-        self._compile_train(mode)
-
-    def _compile_train(self, mode: str) -> None:
-        """Compile the own-phase forward (strategies: through their wrapper)."""
-        raise NotImplementedError
 
     @contextlib.contextmanager
     def micro_batch(self, index: int):
@@ -120,7 +115,7 @@ class Net:
                 f"{self.name} is called while the other network trains but is not frozen; freeze it with "
                 f"{self.name}.set_trainable(False) first, or the other network's backward reaches it (rule 1)"
             )
-        return (self.module if self._fast is None else self._fast)(x, c)
+        return self.plain(x, c)
 
     def plain(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         """A forward for its output only (call it under torch.no_grad()): G's fakes for D's phase."""
@@ -190,9 +185,10 @@ class TorchNet(Net):
         self.wrapped = wrapped  # DDP(module), or the module itself in a world of one
         self._fast_train = None  # train.compile: the compiled wrapper
 
-    def _compile_train(self, mode):
+    def compile(self, mode):
         from distgan.distributed.compiled import compile_forward
 
+        super().compile(mode)
         # torch.compile(DDP(m)): DDP's own forward (its reducer, buffer broadcast) runs as always, the module
         # inside it compiled, split at DDP's buckets. In a world of one the wrapper is the module: one compile.
         self._fast_train = self._fast if self.wrapped is self.module else compile_forward(self.wrapped, mode)

@@ -180,9 +180,6 @@ class ZeroNet(Net):
         self._io = _InMemory(prefix=f"ds-{name}-")
         engine.checkpoint_engine = self._io
 
-    def _compile_train(self, mode):
-        pass  # the engine's forward calls the compiled module (below)
-
     def _train_forward(self, x, c):
         if self._fast is None:
             return self.engine(x, c)

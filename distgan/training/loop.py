@@ -62,7 +62,7 @@ def fit(tr, tracker=None, stop=None, watchdog=None, on_step=None) -> dict[str, f
         tr.snapshots.write_samples(tr.cur_nimg, tr.tracker)
 
     start_nimg, start_time = tr.cur_nimg, time.time()
-    compile0 = CLOCK.read()[1]
+    compile0 = tr._compile0 = CLOCK.read()[1]  # (the process may have compiled before this run)
     tr._tick = (tr.cur_nimg, time.time(), compile0)
     last_stats: dict[str, float] = {}
     ckpt_pending = False
@@ -161,8 +161,8 @@ def _log_tick(tr, total_nimg: int) -> dict[str, float]:
             "Progress/rollbacks": tr.guard.rollbacks,
         }
     )
-    if tr.cfg.train.compile != "none":  # this process's compilations (rank 0's on the dashboard)
-        values["Compile/seconds"] = compile_s
+    if tr.cfg.train.compile != "none":  # this run's compilations in this process (rank 0's on the dashboard)
+        values["Compile/seconds"] = compile_s - tr._compile0
         values["Compile/recompiles"] = recompiles = compiles - (tr._compiles_first or compiles)
         if recompiles > tr._recompiles_seen:  # a steady run compiles once; say so when it does not
             tr._recompiles_seen = recompiles

@@ -97,6 +97,7 @@ class Trainer:
         self.nets = {"G": self.G, "D": self.D}
         self._compiles_first: int | None = None  # compilations after the first step (loop.py), and warned of
         self._recompiles_seen = 0
+        self._compile0 = 0.0  # compile seconds of this process before the current fit (loop.py)
         if t.compile != "none":  # train.compile: the main phases' forwards (distributed/compiled.py)
             for net in self.nets.values():
                 net.compile(t.compile)

@@ -38,7 +38,7 @@ def test_bench_gpu_dry_measures_every_cell_and_writes_the_table_as_json(tmp_path
     flops = {m: report["models"][m]["gflops_per_image"] for m in MODELS}
     assert flops["DCGAN-64"] < flops["StyleGAN2-256"], flops
     fast = report["models"]["DCGAN-64"]["bf16+cl+compile"]
-    assert fast["compile_s"] > 0 and fast["compilations"] >= 4, fast
+    assert fast["compile_s"] > 0 and fast["compilations"] >= 3, fast  # (G's, D's and D frozen's forwards at least)
     assert report["models"]["DCGAN-64"]["fp32"]["compilations"] == 0
     for cell in report["distributed"].values():
         assert cell["img_per_sec"] > 0, report["distributed"]

@@ -37,4 +37,5 @@ def test_bench_train_compile_prints_eager_and_compiled_img_s_and_the_compile_tim
     assert m, p.stdout
     eager, compiled, ratio, compile_s, compilations, recompiles = (float(g) for g in m.groups())
     assert eager > 0 and compiled > 0 and ratio == pytest.approx(compiled / eager, abs=0.01)
-    assert compile_s > 0 and compilations >= 4 and recompiles == 0, p.stdout
+    # (3 forwards at least: G's, D's, D frozen; backwards count apart only when not in inductor's cache)
+    assert compile_s > 0 and compilations >= 3 and recompiles == 0, p.stdout

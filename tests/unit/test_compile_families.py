@@ -71,8 +71,9 @@ def test_compiled_steps_train_what_eager_steps_train_in_every_family():
         raise _RUN["error"]
     results = _RUN["results"]
     for family, r in results.items():
-        # G's and D's own-phase forwards and D frozen in G's phase, each a forward and a backward graph
-        assert r["compilations"] >= 4, (family, r["compilations"])
+        # At least G's and D's own-phase forwards and D frozen in G's phase. (Their backward graphs count as
+        # compilations of their own only when compiled afresh: from inductor's warm cache they come with the forward.)
+        assert r["compilations"] >= 3, (family, r["compilations"])
         assert r["recompilations"] == 0, family
         for got, want in zip(r["compiled"], r["eager"]):
             torch.testing.assert_close(got, want, rtol=0, atol=COMPILE_TOL * want.abs().max().item(), msg=family)
