@@ -228,8 +228,10 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     # ------------------------------------------------------------------ validation
-    def problems(self, world_size: int = 1) -> list[str]:
-        """Every invalid value, as short phrases (empty when the config is usable on `world_size` processes)."""
+    def problems(self, world_size: int = 1, resumed_world: int | None = None) -> list[str]:
+        """Every invalid value, as short phrases (empty when the config is usable on `world_size` processes).
+        resumed_world: the processes that made the checkpoint this start resumes, when known (a batch that does
+        not divide over this launch then says that the resume changed the number)."""
         m, lo, o, d, t = self.model, self.loss, self.optim, self.data, self.train
         out: list[str] = []
 
@@ -279,10 +281,7 @@ class Config:
         need(t.batch >= 1, f"train.batch={t.batch} must be >= 1")
         need(t.batch_per_gpu >= 0, f"train.batch_per_gpu={t.batch_per_gpu} must be >= 0")
         if t.batch >= 1 and world_size >= 1:
-            need(
-                t.batch % world_size == 0,
-                f"train.batch={t.batch} is not divisible by the {world_size} processes launched",
-            )
+            need(t.batch % world_size == 0, batch_problem(t.batch, world_size, resumed_world))
             share = t.batch // world_size
             if t.batch % world_size == 0 and t.batch_per_gpu > 0 and share % min(t.batch_per_gpu, share):
                 fits = [d for d in range(1, share + 1) if share % d == 0]
@@ -304,8 +303,8 @@ class Config:
         out += schedule_problems(self)
         return out
 
-    def validate(self, world_size: int = 1) -> Config:
-        problems = self.problems(world_size)
+    def validate(self, world_size: int = 1, resumed_world: int | None = None) -> Config:
+        problems = self.problems(world_size, resumed_world)
         if problems:
             raise ConfigError("invalid config: " + "; ".join(problems))
         return self
@@ -322,6 +321,31 @@ class Config:
     def digest(self) -> str:
         """A short hash of the values (identifies a config in checkpoints and caches)."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def world_sizes_for(batch: int, world_size: int, up_to: int = 64) -> list[int]:
+    """Numbers of processes that train.batch divides: every one up to `up_to`, and beyond it the nearest ones
+    below and above `world_size` (a launch of 96 processes wants to hear 64 or 128, not 1, 2, 4)."""
+    fits = [n for n in range(1, min(batch, up_to) + 1) if batch % n == 0]
+    if world_size > up_to:
+        below = [n for n in range(world_size - 1, up_to, -1) if batch % n == 0][:1]
+        above = [n for n in range(world_size + 1, batch + 1) if batch % n == 0][:1]
+        fits = [n for n in fits if n < world_size] + below + above
+    return fits
+
+
+def batch_problem(batch: int, world_size: int, resumed_world: int | None = None) -> str:
+    """train.batch (global) does not divide over `world_size` processes: which numbers would, and, on a resume on
+    another number of processes, that this is why (the resumed run keeps the checkpoint's global batch)."""
+    fits = [str(n) for n in world_sizes_for(batch, world_size)]
+    counts = f"{', '.join(fits[:-1])} or {fits[-1]}" if len(fits) > 1 else fits[0]
+    msg = (f"train.batch={batch} is not divisible by the {world_size} processes launched (train.batch is the global "
+           f"batch, split over the processes: launch {counts}")  # fmt: skip
+    if resumed_world is not None and resumed_world != world_size:
+        s = "es" if resumed_world > 1 else ""
+        return msg + (f"; this start resumes a checkpoint made by {resumed_world} process{s}, and a resume on another "
+                      "number of processes keeps its global batch)")  # fmt: skip
+    return msg + f", or make train.batch a multiple of {world_size})"
 
 
 def micro_batches(batch: int, world_size: int, batch_per_gpu: int) -> tuple[int, int, int]:

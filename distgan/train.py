@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import json
+import re
 import signal
 import sys
 import threading
@@ -54,8 +56,10 @@ RESUMABLE_CHANGES = (
     "train.threads",
     "train.channels_last",  # a memory layout: the same model, the same results up to rounding
     "train.compile",  # the same model, the same results up to rounding
+    "dist.strategy",  # DDP <-> ZeRO: the same weights and Adam moments (distributed/zero.py), reduced in another order
     "train.progress",
     "data.root",
+    "data.workers",  # a shard stream's position re-splits over any ranks x workers (data/position.py)
     "data.download",
     "data.max_bad_fraction",
     "data.allow_pipe",
@@ -103,7 +107,14 @@ def main(argv: list[str] | None = None) -> int:
         print(help_text())
         return 0
     try:
-        cfg = load_config(args.config, args.overrides).validate(world_size=launcher.world_size())
+        cfg = load_config(args.config, args.overrides)
+        world = launcher.world_size()
+        # A train.batch that does not divide over this launch: on a resume on another number of processes (an
+        # elastic restart, a requeue with fewer tasks) the message says so.
+        resumed = None
+        if cfg.train.batch >= 1 and cfg.train.batch % world:
+            resumed = resumed_world(cfg, args.run_dir, args.resume)
+        cfg.validate(world_size=world, resumed_world=resumed)
         resolve_classes(cfg)  # model.num_classes: auto -> the data's count; a mismatch is an error here
         launcher.check_precision(cfg.train.precision)
         # `auto` becomes what the launcher set up (ddp, or zeroN under an Accelerate DeepSpeed config), so the
@@ -221,6 +232,8 @@ def _run(cfg, dist, run_dir_arg, resume, allow_config_change) -> dict:
     if state is not None:
         trainer.load_checkpoint(ckpt_path, shared=state)
         console.print(f"resumed from {ckpt_path} at {trainer.cur_nimg / 1000:.3f} kimg")
+        if getattr(stream, "resumed_from", None):  # a shard stream on another ranks x workers (elastic)
+            console.print(stream.resumed_from)
     if dist.is_main:  # only once the checkpoint is known to fit it: the run dir's config describes its checkpoints
         cfg.dump(run_dir / "config.yaml")
     finished = trainer.cur_nimg >= cfg.train.total_kimg * 1000
@@ -291,6 +304,27 @@ def summary_lines(summary: dict, tracker, trainer, run_dir: Path, latest: Path |
             lines.append(f"  distgan generate --run {run_dir} --progress --out {run_dir / 'progress.gif'}")
         lines.append(f"  distgan eval --run {run_dir}")
     return lines
+
+
+def resumed_world(cfg, run_dir: str | None, resume: str) -> int | None:
+    """The number of processes that made the checkpoint this start would resume (its manifest lists one rank file
+    per process), or None: no checkpoint, or none that can be read. No torch, no verification (only a message
+    uses it; `find_checkpoint` decides later)."""
+    from distgan.checkpoint import MANIFEST, CheckpointManager
+
+    if resume == "none":
+        return None
+    if resume == "latest":
+        committed = CheckpointManager(Path(run_dir or Path("runs") / cfg.name)).committed()
+        path = committed[-1] if committed else None
+    else:
+        path = Path(resume).parent if Path(resume).is_file() else Path(resume)
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"] if path is not None else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    ranks = sum(1 for name in files if re.fullmatch(r"rank-\d{5,}\.pt", name))
+    return ranks or None
 
 
 def find_checkpoint(ckpts, resume: str, dist) -> Path | None:

@@ -13,15 +13,26 @@
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 launch/torchrun.sh --config ...    # on 10.0.0.1
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 launch/torchrun.sh --config ...    # on the other machine
 #
+#   # Elastic: between 1 and 2 machines. When a machine is lost, the others' processes fail, torchrun forms a
+#   # smaller group and restarts them, and they resume from the last checkpoint on the new number of processes
+#   # (train.batch, the global batch, must divide by it; docs/launching.md, "Elastic"). Start it on the
+#   # MASTER_ADDR machine first: that machine hosts the rendezvous and must stay.
+#   NNODES=1:2 MASTER_ADDR=10.0.0.1 launch/torchrun.sh --config configs/default.yaml      # on each machine
+#
 # Environment (everything is optional on one machine):
 #   NPROC_PER_NODE  processes on this machine (default: the GPUs visible, else CPU_PROCS)
 #   CPU_PROCS       processes without GPUs (default 2: the multi-process path, each process with half the cores)
-#   NNODES          machines in the job (default 1)
-#   NODE_RANK       this machine's rank, 0..NNODES-1: static rendezvous; unset: c10d rendezvous
-#   MASTER_ADDR     the rendezvous host, reachable from every machine (required when NNODES > 1)
+#   NNODES          machines in the job (default 1), or MIN:MAX for an elastic job (c10d rendezvous; it goes on
+#                   with as few as MIN machines)
+#   NODE_RANK       this machine's rank, 0..NNODES-1: static rendezvous; unset: c10d rendezvous (not with MIN:MAX)
+#   MASTER_ADDR     the rendezvous host, reachable from every machine (required when NNODES > 1 or MIN:MAX)
 #   MASTER_PORT     its TCP port (default 29500 when NNODES > 1; on one machine a free port unless set)
 #   RDZV_ID         the job's id, the same on its machines (c10d; default: SLURM_JOB_ID, else "distgan")
-#   MAX_RESTARTS    restarts of all processes after a failure (default 0); each resumes from the last checkpoint
+#   RDZV_CONF       torchrun's --rdzv_conf for the c10d rendezvous, e.g. "last_call_timeout=10": how long a
+#                   rendezvous that has MIN machines waits for more (default 30 s), keep_alive_interval x
+#                   keep_alive_max_attempt (5 s x 3): how soon a lost machine is dropped; is_host=true|false
+#   MAX_RESTARTS    restarts of all processes after a failure (default 0; 3 with NNODES=MIN:MAX: every lost
+#                   machine costs one); each resumes from the last checkpoint
 #   TORCHRUN        the torchrun command (default: torchrun on PATH, else python3 -m torch.distributed.run)
 #   TORCHRUN_ARGS   more torchrun options, e.g. "--log_dir logs"
 #
@@ -47,7 +58,15 @@ fail() {
 }
 
 nnodes=${NNODES:-1}
-[[ "$nnodes" =~ ^[1-9][0-9]*$ ]] || fail "NNODES=$nnodes is not a positive integer"
+elastic=""
+if [[ "$nnodes" =~ ^([1-9][0-9]*):([1-9][0-9]*)$ ]]; then
+    # Elastic: torchrun's --nnodes=MIN:MAX. Only the c10d rendezvous can re-form a group of another size.
+    ((BASH_REMATCH[1] <= BASH_REMATCH[2])) || fail "NNODES=$nnodes: MIN is above MAX"
+    [[ -z "${NODE_RANK:-}" ]] || fail "NNODES=$nnodes (elastic) takes no NODE_RANK: the c10d rendezvous numbers the machines"
+    elastic=1
+elif ! [[ "$nnodes" =~ ^[1-9][0-9]*$ ]]; then
+    fail "NNODES=$nnodes is not a positive integer nor MIN:MAX"
+fi
 
 gpus=$(visible_gpus)
 if [[ -n "${NPROC_PER_NODE:-}" ]]; then
@@ -60,8 +79,11 @@ fi
 export DISTGAN_EXPECT_GPUS=${DISTGAN_EXPECT_GPUS:-$gpus}
 exported=(DISTGAN_EXPECT_GPUS="$DISTGAN_EXPECT_GPUS")
 
-args=(--nproc_per_node="$nproc" --max_restarts="${MAX_RESTARTS:-0}")
-if [[ "$nnodes" -eq 1 ]]; then
+restarts=${MAX_RESTARTS:-${elastic:+3}}
+restarts=${restarts:-0}
+[[ "$restarts" =~ ^[0-9]+$ ]] || fail "MAX_RESTARTS=$restarts is not a number"
+args=(--nproc_per_node="$nproc" --max_restarts="$restarts")
+if [[ -z "$elastic" && "$nnodes" -eq 1 ]]; then
     if [[ -n "${MASTER_PORT:-}" ]]; then
         args+=(--master_addr=127.0.0.1 --master_port="$MASTER_PORT")
     else
@@ -76,6 +98,7 @@ else
         args+=(--node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" --master_port="$port")
     else
         args+=(--rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$port" --rdzv_id="${RDZV_ID:-${SLURM_JOB_ID:-distgan}}")
+        [[ -z "${RDZV_CONF:-}" ]] || args+=(--rdzv_conf="$RDZV_CONF")
     fi
     if [[ -z "${GLOO_SOCKET_IFNAME:-}" ]]; then
         if ifname=$(gloo_ifname "$MASTER_ADDR"); then

@@ -132,8 +132,35 @@ fi
 # ---------------------------------------------------------------- sizes
 # One launcher per task of the job. The default (--ntasks-per-node=1) makes that one per node; asking for more
 # tasks per node runs several launchers on one node (the tests use it to play two nodes on one machine).
+# The tasks of the allocation as it is now: SLURM_TASKS_PER_NODE ("2(x3),1": 2 on each of 3 nodes, 1 on a 4th)
+# and SLURM_JOB_NUM_NODES describe it. SLURM_NTASKS does not: sbatch puts its own --ntasks into the job's
+# environment at submission, and a requeued job whose size was changed while it waited (`scontrol update
+# JobId=N NumTasks=1 TasksPerNode=1`, or NumNodes=) still has the old value there (SLURM 22.05, measured). The
+# training resumes from its checkpoint on the new number of processes (docs/slurm.md, "Fewer tasks after a requeue").
+tasks_per_node() {  # "2(x3),1" -> 7; fails on anything else
+    local total=0 part
+    local -a parts
+    IFS=, read -ra parts <<<"$1"
+    ((${#parts[@]} > 0)) || return 1
+    for part in "${parts[@]}"; do
+        if [[ $part =~ ^([0-9]+)\(x([0-9]+)\)$ ]]; then
+            total=$((total + BASH_REMATCH[1] * BASH_REMATCH[2]))
+        elif [[ $part =~ ^[0-9]+$ ]]; then
+            total=$((total + part))
+        else
+            return 1
+        fi
+    done
+    echo "$total"
+}
 nnodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
-launchers=${SLURM_NTASKS:-$nnodes}
+if ! launchers=$(tasks_per_node "${SLURM_TASKS_PER_NODE:-}"); then
+    launchers=${SLURM_NTASKS:-$nnodes}
+fi
+resized=""
+if [[ -n ${SLURM_NTASKS:-} && $SLURM_NTASKS != "$launchers" ]]; then
+    resized="; the job was submitted with $SLURM_NTASKS task(s) and now has $launchers (SLURM_TASKS_PER_NODE=$SLURM_TASKS_PER_NODE)"
+fi
 
 # shellcheck source=launch/gpus.sh
 source "$repo/launch/gpus.sh"
@@ -196,7 +223,7 @@ launch=(
 )
 attempt=${SLURM_RESTART_COUNT:-0}
 log "job $SLURM_JOB_ID attempt $attempt on ${nodes[*]}: $launchers launcher(s) x $nproc process(es) per node" \
-    "($why), world $world, rendezvous $head_addr:$port"
+    "($why), world $world, rendezvous $head_addr:$port$resized"
 log "python $python; working directory $PWD; $cpus CPU(s) per task ($cpus_from)"
 if ((cpus < nproc)); then
     # Only the ranks are counted (data.workers is in the config, not cheap to read here): a floor, not a target.

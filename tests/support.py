@@ -8,6 +8,7 @@ distgan.distributed.setup() exactly as in a real launch. A worker must be a modu
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -195,3 +196,22 @@ def wandb_records(path: Path):
             record.ParseFromString(pending)
             pending = b""
             yield record
+
+
+def distgan_processes(marker: str) -> dict[int, int]:
+    """pid -> parent pid of every live (not zombie) process whose command line holds both `marker` and
+    distgan.train. Loader workers are forked, so they carry their rank's command line."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            if marker.encode() not in cmdline or b"distgan.train" not in cmdline:
+                continue
+            state, ppid = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, ValueError):
+            continue  # it ended while we looked
+        if state != "Z":
+            found[int(entry)] = int(ppid)
+    return found

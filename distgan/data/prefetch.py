@@ -119,9 +119,10 @@ class Prefetcher:
             return self.stream.state_dict()
         return copy.deepcopy(self._state)
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, *position) -> None:
+        """`position`: a shard stream's global position, for a resume on another ranks x workers (stream.py)."""
         self._drop_ahead()
-        self.stream.load_state_dict(state)
+        self.stream.load_state_dict(state, *position)
 
     def close(self) -> None:
         """Drop the batch pulled ahead (the stream rewound to the handed-out batches) and close the wrapped
@@ -130,9 +131,10 @@ class Prefetcher:
         self.stream.close()
 
     def __getattr__(self, name: str):
-        # describe() (ShardStream only: hasattr() must stay False for a stream without it). Nothing else is
+        # describe() (ShardStream only: hasattr() must stay False for a stream without it), and its elastic
+        # global_position and resumed_from (position-free: they read what they are given). Nothing else is
         # forwarded: the wrapped stream's own position attributes are one batch ahead of what was handed out.
-        if name == "describe" and "stream" in self.__dict__:
+        if name in ("describe", "global_position", "resumed_from") and "stream" in self.__dict__:
             return getattr(self.__dict__["stream"], name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 

@@ -42,7 +42,10 @@ keeps the place of the last batch it actually consumed from each worker, plus th
 which says which worker the next batch must come from (the DataLoader takes workers in turn). A resumed stream
 starts every worker at its place: it re-reads at most one block per worker and yields exactly the samples the
 uninterrupted run would have, on the same ranks x workers. A manifest's sample counts let it skip to shard j
-without opening the ones before.
+without opening the ones before. On another ranks x workers (elastic), the checkpoint's global position, built
+from every slot's place (position.py), is re-split: the readers follow a new layout that deals them the rest of
+the epoch, each sample once, before the following epochs; a slot's j-th shard visit is then its j-th *segment* of
+that layout (the first layout's segments are the plain whole visits above).
 
 Hand-over. A batch is written straight into the tensors the rank receives (images and labels), fresh ones per
 batch (the consumer may still hold, or be copying, the previous one): in a loader worker they are allocated in
@@ -69,22 +72,23 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from distgan.data import position as pos
 from distgan.data import shards as sh
 from distgan.data.batch import Batch
+from distgan.data.position import FIRST_LAYOUT, block_rng, segment_size
 from distgan.errors import DataError
-
-
-def _rng(*key: int) -> np.random.Generator:
-    return np.random.default_rng(list(key))
 
 
 class SlotReader:
     """The endless record sequence of one slot, read in shuffled blocks, from any saved place."""
 
-    def __init__(self, shard_list: sh.ShardList, slot: int, n_slots: int, seed: int, block: int, allow_pipe: bool):
+    def __init__(self, shard_list: sh.ShardList, slot: int, n_slots: int, seed: int, block: int, allow_pipe: bool,
+                 layout: dict | None = None):  # fmt: skip
         self.urls, self.counts = shard_list.urls, shard_list.counts
         self.slot, self.n_slots, self.seed, self.block = slot, n_slots, seed, max(1, block)
         self.allow_pipe = allow_pipe
+        self.layout = layout or FIRST_LAYOUT
+        self.gen = self.layout["gen"]
         self._perms: dict[int, np.ndarray] = {}
         self._open: tuple[int, int, Iterator] | None = None  # (j, records read, iterator) of the open shard
         self.stats = {"samples": 0, "bad": 0, "refused": 0}
@@ -94,13 +98,17 @@ class SlotReader:
         # would never reach S. Distinct shards, not visits: a slot's S visits in a row need not cover all S shards.
         self._empty: set[int] = set()
 
+    def segment(self, j: int) -> list:
+        """This slot's j-th segment [g, lo, hi, skip]: its piece's (see Layout), then whole fresh visits."""
+        return pos.slot_segment(self.layout, self.slot, self.n_slots, j)
+
     def visit(self, j: int) -> tuple[int, int]:
-        """(epoch, shard index) of this slot's j-th shard visit."""
-        g = self.slot + j * self.n_slots
+        """(epoch, shard index) of this slot's j-th segment's shard visit."""
+        g = self.segment(j)[0]
         epoch, i = divmod(g, len(self.urls))
         if epoch not in self._perms:
             self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
-            self._perms[epoch] = _rng(self.seed, epoch, 0xD47A).permutation(len(self.urls))
+            self._perms[epoch] = pos.epoch_order(self.seed, epoch, len(self.urls))
         return epoch, int(self._perms[epoch][i])
 
     # ------------------------------------------------------------------ reading records
@@ -114,15 +122,22 @@ class SlotReader:
         return it
 
     def _fresh(self, j: int, off: int) -> Iterator[sh.Record]:
+        seg = self.segment(j)
         _, index = self.visit(j)
         url = self.urls[index]
-        known = self.counts[index] if self.counts is not None else None
-        read = 0
+        known = segment_size(seg, self.counts[index] if self.counts is not None else None)
+        _, lo, hi, skip = seg
+        skip = set(skip)
+        read = 0  # the segment's records passed
         try:
             if known is not None and off >= known:
                 return
             with sh.open_shard(url, self.allow_pipe) as f:
-                for record in sh.iter_records(f):
+                for i, record in enumerate(sh.iter_records(f)):
+                    if i < lo or i in skip:
+                        continue
+                    if hi is not None and i >= hi:
+                        break
                     if read >= off:
                         record.url = url
                         yield record
@@ -138,27 +153,33 @@ class SlotReader:
         self.stats["bad"] += n
         self.bad_shards.add(f"{sh.shard_name(url)} ({why})")
 
-    def _collect(self, j: int, off: int) -> tuple[list[sh.Record], int, int]:
-        """One block from (j, off): up to `block` records of one epoch. Returns (records, next j, next off)."""
+    def _collect(self, j: int, off: int) -> tuple[list[sh.Record], int, int, list[list[int]]]:
+        """One block from (j, off): up to `block` records of one epoch. Returns (records, next j, next off, spans):
+        spans [[j, off, n], ...] say which segment records the block holds, in order (see global_position)."""
         epoch = self.visit(j)[0]
         records: list[sh.Record] = []
+        spans: list[list[int]] = []
         while len(records) < self.block:
-            n_before = len(records)
+            n_before, first = len(records), off
             for record in self._records_of(j, off):
                 records.append(record)
                 off += 1
                 self._open = (j, off, self._open[2])
                 self._empty.clear()
                 if len(records) == self.block:
-                    return records, j, off
-            if len(records) == n_before and off == 0:  # (a resumed visit may start at its shard's end: not empty)
+                    spans.append([j, first, len(records) - n_before])
+                    return records, j, off, spans
+            if len(records) > n_before:
+                spans.append([j, first, len(records) - n_before])
+            whole = self.segment(j)[1:] == [0, None, []]
+            if len(records) == n_before and off == 0 and whole:  # (a resumed visit may start at its end: not empty)
                 self._empty.add(self.visit(j)[1])
                 if len(self._empty) == len(self.urls):
                     raise DataError(f"no readable samples in any of the {len(self.urls)} shards: {self._bad_list()}")
             j, off = j + 1, 0
             if self.visit(j)[0] != epoch:
                 break
-        return records, j, off
+        return records, j, off, spans
 
     def _bad_list(self) -> str:
         return ", ".join(sorted(self.bad_shards)[:5]) or "(all empty)"
@@ -177,8 +198,8 @@ class SlotReader:
         # which records are read and the order in which they were stored meet.
         next_v, unusable, bad_in_a_row, last_error = j if off == 0 else j + 1, set(), 0, ""
         while True:
-            records, next_j, next_off = self._collect(j, off)
-            g = _rng(self.seed, self.slot, b, 0xB10C)
+            records, next_j, next_off, spans = self._collect(j, off)
+            g = block_rng(self.seed, self.slot, b, self.gen)
             order = g.permutation(len(records))
             flips = g.random(len(records)) < 0.5
             usable = t > 0  # (a resumed block: its place is after a sample it yielded)
@@ -198,7 +219,7 @@ class SlotReader:
                 usable = True
                 if xflip and flips[idx]:
                     image = image[:, :, ::-1]
-                yield record.key, image, label, {"j": j, "off": off, "b": b, "t": idx + 1}
+                yield record.key, image, label, {"j": j, "off": off, "b": b, "t": idx + 1, "spans": spans}
             if usable:
                 next_v, unusable, bad_in_a_row = next_j if next_off == 0 else next_j + 1, set(), 0
             else:
@@ -257,6 +278,7 @@ class _Batches(torch.utils.data.IterableDataset):
         self.pin_memory = pin_memory  # (only where this runs in the rank's own process; see _new_tensor)
         self.rotation = 0  # loader worker i serves logical worker (i + rotation) % n_workers
         self.places: list[dict | None] = [None] * n_workers
+        self.layout = FIRST_LAYOUT  # which records the slots read (position.py): another after an elastic resume
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -270,6 +292,7 @@ class _Batches(torch.utils.data.IterableDataset):
             self.seed,
             self.block,
             self.allow_pipe,
+            self.layout,
         )
         shape = (self.batch, self.channels, self.resolution, self.resolution)
         in_worker, pin = info is not None, self.pin_memory and info is None
@@ -358,6 +381,7 @@ class ShardStream:
         self.dataset = _Batches(*args, pin_memory=self.pin_memory, labelled=self.labelled, num_classes=self.num_classes)
         self.batches = 0  # batches this rank has consumed
         self.last_keys: list[str] = []
+        self.resumed_from: str | None = None  # a line for the console after an elastic resume
         self._stats = {"samples": 0, "bad": 0, "refused": 0}
         self._bad_shards: set[str] = set()
         self._it = None
@@ -456,26 +480,51 @@ class ShardStream:
         return _stack(out) if out else None
 
     def state_dict(self) -> dict:
+        """This rank's exact place (same ranks x workers: the resumed run reads what the uninterrupted one would)."""
         return {
             "kind": "shards",
             "batches": self.batches,
             "world_size": self.world_size,
             "workers": self.dataset.n_workers,
             "places": list(self.dataset.places),
+            "layout": self.dataset.layout,
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def global_position(self, states: list[dict]) -> dict:
+        """The position of the whole stream, independent of ranks x workers, from every rank's state_dict()
+        (position.py); what a resume on another count re-splits."""
+        return pos.global_position(states, len(self.shard_list.urls), self.shard_list.counts, self.dataset.seed)
+
+    def load_state_dict(self, state: dict, position: dict | None = None) -> None:
+        """Resume from this rank's saved state when the run has the same ranks x workers (exactly), else from the
+        checkpoint's global `position`, re-split over this run's slots (elastic: each remaining sample once)."""
         if state.get("kind") != "shards":
             raise DataError("the checkpoint's data position is not from a shard stream (data.source changed)")
         saved = (state["world_size"], state["workers"])
-        if saved != (self.world_size, self.dataset.n_workers):
+        self.close()
+        self.resumed_from = None
+        if saved == (self.world_size, self.dataset.n_workers):
+            self.batches = int(state["batches"])
+            self.dataset.places = list(state["places"])
+            self.dataset.layout = state.get("layout", FIRST_LAYOUT)
+            return
+        if position is None:
             raise DataError(
                 f"the checkpoint's data position is for {saved[0]} ranks x {saved[1]} loader workers, this run has "
-                f"{self.world_size} x {self.dataset.n_workers}; resume with the same world size and data.workers"
+                f"{self.world_size} x {self.dataset.n_workers}, and it holds no global position (written by an "
+                "older distgan); resume with the same world size and data.workers"
             )
-        self.close()
-        self.batches = int(state["batches"])
-        self.dataset.places = list(state["places"])
+        n_shards, counts, seed = len(self.shard_list.urls), self.shard_list.counts, self.dataset.seed
+        d = self.dataset
+        d.layout = pos.split(position, self.world_size, d.n_workers, d.batch, n_shards, counts, seed)
+        self.dataset.places = [None] * self.dataset.n_workers
+        self.batches = 0
+        left = pos.records_left(position, n_shards, counts, seed)
+        self.resumed_from = (
+            f"data: the position of {_n(saved[0], 'rank')} x {_n(saved[1], 'loader worker')} re-split over "
+            f"{self.world_size} x {self.dataset.n_workers}"
+            + (f": {left} samples of the current epoch left, each read once" if left is not None else "")
+        )
 
     def close(self) -> None:
         self._it = None  # a DataLoader iterator shuts its workers down when released
@@ -518,6 +567,10 @@ def _die_with_rank(worker_id: int) -> None:
         return
     if os.getppid() == 1:  # the rank died before prctl took effect
         os._exit(0)
+
+
+def _n(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def _stack(images: list[np.ndarray]) -> torch.Tensor:

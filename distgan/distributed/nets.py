@@ -229,9 +229,20 @@ class TorchNet(Net):
         from distgan.errors import CheckpointError
 
         if "module" not in state:
-            raise CheckpointError(f"the checkpoint holds {self.name} as DeepSpeed partitions (a ZeRO run)")
+            raise CheckpointError(
+                f"the checkpoint holds {self.name} only as DeepSpeed's per-rank partitions (a ZeRO run of an older "
+                "distgan); resume it under its ZeRO strategy on its number of processes"
+            )
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
+        # Adam's moments in their parameter's memory layout: a ZeRO checkpoint's are contiguous, a channels_last
+        # run's are not, and torch's fused Adam silently updates wrong when a moment's strides differ from its
+        # parameter's (measured on CPU).
+        for p in self.params:
+            st = self.optimizer.state.get(p, {})
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    st[k] = torch.empty_like(p).copy_(v)
         super().load_state_dict(state, files)
 
 

@@ -27,6 +27,19 @@ distgan's atomic, hash-manifested commit (checkpoint.py) as files named `ds-G-<D
 gives DeepSpeed placeholders to find and answers its reads from the verified checkpoint with
 `torch.load(weights_only=True)`, allowing only the three DeepSpeed classes its files hold (a loss-scaler
 record, the ZeRO stage enum, a fragment address); DeepSpeed's own engine would unpickle anything.
+
+Elastic resume. DeepSpeed's files are one optimizer partition per rank: they resume only on as many ranks, under
+ZeRO. So a ZeRO checkpoint also holds each network whole, in the layout a DDP checkpoint has (TorchNet's
+state_dict: "module", and "optimizer", a torch Adam state_dict over the module's parameters in the order the
+trainer's Adam lists them: step, exp_avg, exp_avg_sq), gathered at save time through DeepSpeed's own API for it
+(`deepspeed.utils.safe_get_full_fp32_param` / `safe_get_full_optimizer_state`: a sum over the ranks of each
+rank's fragment and zeros, exact) and written by rank 0 into state.pt. Loading:
+- DeepSpeed files from as many ranks as this run has: DeepSpeed's own load_checkpoint (bit-exact resume);
+- anything else (another world size, or a DDP checkpoint): the whole module, and the fp32 master weights and
+  Adam's moments and step set on every rank's partition through `safe_set_full_fp32_param` /
+  `safe_set_full_optimizer_state`: the same values, re-partitioned;
+- under DDP (nets.py) the whole copy loads like a DDP checkpoint.
+A checkpoint of a distgan from before this copy resumes only as it was saved (trainer.py says so in one line).
 """
 
 from __future__ import annotations
@@ -56,6 +69,13 @@ from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngi
 # torch.serialization.get_unsafe_globals_in_checkpoint on zero1/zero2, fp32/bf16 files of DeepSpeed 0.19).
 from deepspeed.runtime.fp16.loss_scaler import LossScaler  # noqa: E402
 from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: E402
+from deepspeed.utils import (  # noqa: E402
+    lazy_init_hp_params_optimizer_state,
+    safe_get_full_fp32_param,
+    safe_get_full_optimizer_state,
+    safe_set_full_fp32_param,
+    safe_set_full_optimizer_state,
+)
 from deepspeed.utils.tensor_fragment import fragment_address  # noqa: E402
 
 SAFE_GLOBALS = [LossScaler, ZeroStageEnum, fragment_address]
@@ -179,6 +199,7 @@ class ZeroNet(Net):
         self.engine = engine
         self._io = _InMemory(prefix=f"ds-{name}-")
         engine.checkpoint_engine = self._io
+        self._whole = None  # rank 0: the whole network gathered by files(), until state_dict() takes it
 
     def _train_forward(self, x, c):
         if self._fast is None:
@@ -218,6 +239,8 @@ class ZeroNet(Net):
         return norm.detach().float().reshape(()), skipped
 
     def files(self) -> dict[str, bytes]:
+        # Two collectives: the whole copy for state.pt (kept until state_dict() on rank 0), DeepSpeed's files.
+        self._whole = self.whole(keep=torch.distributed.get_rank() == 0)
         scratch = tempfile.mkdtemp(prefix="distgan-ds-")
         try:
             self._io.saved = {}
@@ -226,15 +249,35 @@ class ZeroNet(Net):
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
-    def load_state_dict(self, state, files=None) -> None:
-        """Restore through DeepSpeed's load_checkpoint (a collective)."""
-        super().load_state_dict(state, files)
-        read, names = files.read, files.names
-        mine = [n[len(self._io.prefix) :] for n in names if n.startswith(self._io.prefix)]
-        if not mine:
-            from distgan.errors import CheckpointError
+    def state_dict(self) -> dict:
+        """The whole network ("module", "optimizer": what TorchNet saves) gathered by files(), and the scaler."""
+        whole, self._whole = self._whole, None
+        return {**(whole or {}), **super().state_dict()}
 
+    def load_state_dict(self, state, files=None) -> None:
+        """Restore through DeepSpeed's load_checkpoint when the checkpoint holds DeepSpeed's files of as many ranks
+        as this run has, else from the whole copy (another world size, or a DDP checkpoint). A collective."""
+        from distgan.errors import CheckpointError
+
+        super().load_state_dict(state, files)
+        names = files.names if files is not None else []
+        mine = [n[len(self._io.prefix) :] for n in names if n.startswith(self._io.prefix)]
+        ranks = sum(n.startswith("zero_pp_rank_") for n in mine)
+        if mine and ranks == self.engine.dp_world_size:
+            self._load_deepspeed(files.read, mine)
+        elif "module" in state:
+            self._load_whole(state)
+        elif mine:
+            raise CheckpointError(
+                f"the checkpoint holds {self.name}'s optimizer state only as DeepSpeed's partitions of {ranks} "
+                f"ranks; resume it with {ranks} processes (this launch has {self.engine.dp_world_size})"
+            )
+        else:
             raise CheckpointError(f"the checkpoint holds no DeepSpeed state of {self.name}")
+
+    def _load_deepspeed(self, read, mine: list[str]) -> None:
+        from distgan.errors import CheckpointError
+
         scratch = tempfile.mkdtemp(prefix="distgan-ds-")
         try:
             # DeepSpeed globs and stats its files before reading them: empty stand-ins, answered by `read`.
@@ -249,9 +292,90 @@ class ZeroNet(Net):
             self._io.read = None
             shutil.rmtree(scratch, ignore_errors=True)
         if path is None:
-            from distgan.errors import CheckpointError
-
             raise CheckpointError(f"DeepSpeed found no state of {self.name} in the checkpoint")
+
+    # ------------------------------------------------------------------ the whole network, world-size independent
+    def _groups(self) -> list[tuple[torch.Tensor, list]]:
+        """Per parameter group: (ZeRO's flat fp32 partition on this rank, the module parameters in the group)."""
+        zero = self.engine.optimizer
+        return list(zip(zero.single_partition_of_fp32_groups, zero.bit16_groups))
+
+    def _link_moments(self) -> None:
+        """Point each parameter's fragment at Adam's current state tensors. DeepSpeed links them only after its first
+        step: its own load_checkpoint re-creates the fragments without them (safe_*_optimizer_state then fails),
+        and a load_state_dict of the torch Adam replaces the tensors they point at."""
+        for flat, params in self._groups():
+            if self.optimizer.state.get(flat):
+                lazy_init_hp_params_optimizer_state(params, flat, self.optimizer.state)
+
+    def _order(self) -> list[torch.nn.Parameter]:
+        """The module's parameters in the order the trainer's Adam lists them (a torch optimizer's state indices)."""
+        order = [p for _, params in self._groups() for p in params]
+        if [id(p) for p in order] != [id(p) for p in self.params]:
+            raise RuntimeError(f"DeepSpeed's parameter groups of {self.name} are not the module's parameters")
+        return order
+
+    @torch.no_grad()
+    def whole(self, keep: bool = True) -> dict | None:
+        """This network's module and Adam state, whole, in TorchNet's layout, on the CPU. A collective: every rank
+        calls it; a rank that does not `keep` it (not rank 0, at a save) holds one tensor of it at a time."""
+        self._link_moments()
+        opt = self.optimizer
+
+        def gather(tensor):  # (each parameter's tensor: summed over the ranks, each its fragment and zeros)
+            return tensor.cpu() if keep else None
+
+        state: dict[int, dict] = {}
+        groups, start = [], 0
+        for group, (flat, params) in zip(opt.param_groups, self._groups()):
+            indices = list(range(start, start + len(params)))
+            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": indices})
+            start += len(params)
+            flat_state = opt.state.get(flat)
+            if not flat_state:  # before the first step: Adam creates its state then
+                continue
+            keys = [k for k, v in flat_state.items() if torch.is_tensor(v) and v.shape == flat.shape]
+            for i, p in zip(indices, params):
+                moments = {k: gather(safe_get_full_optimizer_state(p, k)) for k in keys}
+                state[i] = {"step": flat_state["step"].detach().cpu().clone(), **moments}
+        module = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()} if keep else {}
+        for name, p in self.module.named_parameters():  # ZeRO's fp32 master weights
+            module[name] = gather(safe_get_full_fp32_param(p))
+        return {"module": module, "optimizer": {"state": state, "param_groups": groups}} if keep else None
+
+    @torch.no_grad()
+    def _load_whole(self, state: dict) -> None:
+        """Set the module, the fp32 master weights and Adam's step and moments from a whole copy (a DDP checkpoint,
+        or a ZeRO checkpoint's state.pt), each rank its own partition of them."""
+        from distgan.errors import CheckpointError
+
+        self.module.load_state_dict(state["module"])  # (its parameters are views into DeepSpeed's flat buffer)
+        for p in self.params:
+            safe_set_full_fp32_param(p, p.detach())
+        saved, order, opt = state["optimizer"]["state"], self._order(), self.optimizer
+        if not saved:  # saved before the first step
+            for flat, _ in self._groups():
+                opt.state.pop(flat, None)
+            return
+        steps = {float(s["step"]) for s in saved.values()}
+        if len(steps) != 1 or len(saved) != len(order):
+            raise CheckpointError(
+                f"the checkpoint's Adam state of {self.name} covers {len(saved)} of {len(order)} parameters, at "
+                f"steps {sorted(steps)}; ZeRO steps all parameters of a network together: resume it under DDP"
+            )
+        step = steps.pop()
+        keys = [k for k, v in saved[0].items() if torch.is_tensor(v) and v.dim() > 0]
+        # Adam's state of each flat partition, zeros until set below, placed by torch's own load_state_dict (a
+        # fused Adam keeps its step on the parameter's device).
+        opt.load_state_dict({
+            "state": {i: {"step": torch.tensor(step), **{k: torch.zeros_like(flat) for k in keys}}
+                      for i, (flat, _) in enumerate(self._groups())},
+            "param_groups": opt.state_dict()["param_groups"],
+        })  # fmt: skip
+        self._link_moments()
+        for i, p in enumerate(order):
+            for k in keys:
+                safe_set_full_optimizer_state(p, saved[i][k].to(p.device, torch.float32), k)
 
     def state_tensors(self) -> list[torch.Tensor]:
         # The optimizer's parameters are ZeRO's fp32 partitions (master weights) of this rank.

@@ -51,6 +51,7 @@ class Trainer:
                 f"{want[0]}/{want[1]} (use dist.configured(...) to train another config in the same group)"
             )
         self.cfg, self.dist, self.stream = cfg, dist, stream
+        self._shard_stream = hasattr(stream, "global_position")  # (its position re-splits: data/position.py)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.console = console
         self.device = dist.device
@@ -139,8 +140,13 @@ class Trainer:
         self.state.register("step", self.step, version=self.step.version)
         self.state.register("guard", self.guard, version=self.guard.version)
         self.state.register("data_health", Values(self, "data_totals"))
-        self.rng_state = _RNGState(self.device)
+        self.rng_state = _RNGState(self.device, t.seed, dist.rank)
+        self.rng_state.cur_nimg = lambda: self.cur_nimg
         self.state.register("rng", self.rng_state, scope="rank")
+        # The stream's position: each rank's exact place (rank scope), and a shard stream's global position built
+        # from all of them (shared: what a resume on another ranks x workers re-splits; data/position.py).
+        self.data_position = _GlobalPosition()
+        self.state.register("data_position", self.data_position, missing=lambda: None)
         self.state.register("stream", _StreamPosition(self), scope="rank")
         # (Checkpoints from before augmentation have neither part: p then starts at augment.p, the sums at 0.)
         self.state.register("augment", self.augment, version=self.augment.version, missing=lambda: None)
@@ -299,8 +305,8 @@ class Trainer:
     # ================================================================== checkpoints
 
     def state_dict(self) -> dict:
-        """state.pt: every shared part (rank 0 saves it; networks and optimizers under DDP, under ZeRO they are in
-        DeepSpeed's files), and what identifies the run (config, strategy, world size, W&B run)."""
+        """state.pt: every shared part (rank 0 saves it; the networks and optimizers whole, under ZeRO also in
+        DeepSpeed's per-rank files), and what identifies the run (config, strategy, world size, W&B run)."""
         return {
             **self.state.state_dict("shared"),
             "strategy": self.strategy,
@@ -318,6 +324,8 @@ class Trainer:
         """This rank's files of a checkpoint: its rank state; on rank 0 also the shared state and the export."""
         from distgan.export import generator_bytes
 
+        states = self.dist.all_gather_object(self.stream.state_dict()) if self._shard_stream else None
+        self.data_position.value = self.stream.global_position(states) if states else None
         files = {rank_file(self.dist.rank): _to_bytes(self.rank_state())}
         files.update(self.state.files())  # DeepSpeed's files of this rank under ZeRO (a collective); none under DDP
         if self.dist.is_main:
@@ -337,12 +345,6 @@ class Trainer:
         """Restore from a committed checkpoint (every rank; `shared` when state.pt was already read)."""
         shared = shared if shared is not None else load_file(path, "state.pt")
         same_world = shared["world_size"] == self.dist.world_size
-        if not same_world and self.strategy.startswith("zero"):
-            raise CheckpointError(
-                f"{path} was saved by {shared['world_size']} processes under ZeRO, whose optimizer state is "
-                f"partitioned over them; resume it with {shared['world_size']} processes (this launch has "
-                f"{self.dist.world_size})"
-            )
         rank = load_file(path, rank_file(self.dist.rank if same_world else 0))
         names = list(read_manifest(path)["files"])
         files = Files(names, lambda name, safe_globals=(): load_file(path, name, safe_globals))
@@ -354,15 +356,22 @@ class Trainer:
             shared, rank = upgrade_v2(shared, rank)
         if shared.get("format") != 3:
             raise CheckpointError(f"training state format {shared.get('format')}, this distgan reads 2 and 3")
+        # A ZeRO checkpoint holds each network whole too (zero.py), and resumes on any world size, under ZeRO or DDP;
+        # one from a distgan before that holds the optimizer only as DeepSpeed's partitions of the ranks that saved it.
         saved = shared.get("strategy", "ddp")
-        if saved.startswith("zero") != self.strategy.startswith("zero"):
+        as_saved = same_world and self.strategy.startswith("zero")
+        if saved.startswith("zero") and not as_saved and any("module" not in shared[n] for n in ("G", "D")):
+            was = f"{shared.get('world_size', '?')} processes under dist.strategy={saved}"
             raise CheckpointError(
-                f"the checkpoint was trained with dist.strategy={saved} and this run uses {self.strategy}; "
-                "DDP and ZeRO checkpoints hold the optimizer differently: resume with the same kind of strategy"
+                f"the checkpoint was saved by {was} by an older distgan that kept the optimizer state only as "
+                f"DeepSpeed's per-rank partitions; resume it with {was} (this launch: {self.dist.world_size} under "
+                f"{self.strategy})"
             )
-        # Another world size: an in-memory stream's position is global and re-splits by itself (rank 0's file);
-        # a shard stream refuses with a clear error; the RNG states belong to the old ranks and stay behind.
+        # Another world size: an in-memory stream's position is global and re-splits by itself (rank 0's file); a
+        # shard stream re-splits the checkpoint's global position; the RNG states belong to the old ranks: each rank
+        # starts one of its own, from (seed, rank, cur_nimg) (_RNGState).
         self.rng_state.skip = not same_world
+        self.data_position.value = None
         try:
             self.state.load_state_dict(shared, rank, files)
         except (RuntimeError, ValueError, KeyError) as e:  # e.g. a model change let through --allow-config-change
@@ -370,6 +379,9 @@ class Trainer:
             raise CheckpointError(f"the checkpoint's networks do not fit this config's model: {first}") from None
         finally:
             self.rng_state.skip = False
+        if not same_world and self.dist.rank != 0:
+            # ADA's sign sums since its last adjustment: every rank read rank 0's; keep them once (rank 0's).
+            self.augment.signs.zero_()
         # The optimizers' learning rates and betas come from this config, not the checkpoint (they are part of what
         # --allow-config-change may change; unchanged, they are the same values).
         for name, net in self.nets.items():
@@ -385,10 +397,17 @@ class Trainer:
 
 
 class _RNGState:
-    """This process's global RNG states (rank scope; left as they are when the world size changed)."""
+    """This process's global RNG states (rank scope), which the networks' own random draws use (StyleGAN2's noise).
 
-    def __init__(self, device):
-        self.device, self.skip = device, False
+    On the same world size each rank continues its saved states. On another, those belong to ranks that no longer
+    exist (or not the same ones): each rank seeds a fresh state from (seed, rank, images seen at the checkpoint), so
+    the run is reproducible (the same checkpoint resumed on the same count draws the same numbers) and draws no
+    stream twice (not the one its rank started with at 0 kimg). The step's latents, labels and augmentations never
+    depended on these states: they are drawn from (seed, rank, cur_nimg) at every step (rng.py)."""
+
+    def __init__(self, device, seed: int, rank: int):
+        self.device, self.seed, self.rank, self.skip = device, seed, rank, False
+        self.cur_nimg = lambda: 0  # set by the trainer: the checkpoint's image count, loaded before this part
 
     def state_dict(self) -> dict:
         return rng.get_state(self.device)
@@ -396,10 +415,26 @@ class _RNGState:
     def load_state_dict(self, state: dict) -> None:
         if not self.skip:
             rng.set_state(state, self.device)
+        else:
+            torch.manual_seed(rng.derive_seed(self.seed, rng.FORWARD, self.rank, self.cur_nimg()))
+
+
+class _GlobalPosition:
+    """A shard stream's global position (shared scope; None for the in-memory streams, whose own is global)."""
+
+    def __init__(self):
+        self.value: dict | None = None
+
+    def state_dict(self) -> dict | None:
+        return self.value
+
+    def load_state_dict(self, state: dict | None) -> None:
+        self.value = state
 
 
 class _StreamPosition:
-    """The data stream's position (rank scope)."""
+    """The data stream's position (rank scope): exact on the same ranks x workers, else (a shard stream) the
+    checkpoint's global position re-split."""
 
     def __init__(self, trainer):
         self.trainer = trainer
@@ -408,7 +443,11 @@ class _StreamPosition:
         return self.trainer.stream.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.trainer.stream.load_state_dict(state)
+        tr = self.trainer
+        if tr._shard_stream:
+            tr.stream.load_state_dict(state, tr.data_position.value)
+        else:
+            tr.stream.load_state_dict(state)
 
 
 def _to_bytes(obj) -> bytes:

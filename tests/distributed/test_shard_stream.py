@@ -132,3 +132,41 @@ def test_a_few_bad_samples_below_the_limit_train_on(tmp_path):
     write_shards(tmp_path, 8, 16, resolution=32, extra=one_bad)  # 1 of 128 samples: under 5%
     out = run_ranks(_bad_data_run, 2, str(tmp_path))
     assert out[0]["error"] is None and out[0]["nimg"] == 128
+
+
+def _elastic_first(rank, world, folder, steps):
+    """`steps` steps on this world (2 loader workers per rank, through the prefetcher), then a checkpoint."""
+    from distgan.data.prefetch import Prefetcher
+
+    tr = make_trainer(*_shard_args(folder, "train.batch=12"))
+    tr.stream = Prefetcher(tr.stream, tr.device)
+    keys = [_step(tr) for _ in range(steps)]
+    path = tr.save_checkpoint(CheckpointManager(Path(folder) / "run"))
+    tr.stream.close()
+    return {"keys": keys, "path": str(path)}
+
+
+def _elastic_resumed(rank, world, folder, path, steps):
+    """A trainer with 1 loader worker per rank resumed from `path` (saved by another world), then `steps` steps."""
+    tr = make_trainer(*_shard_args(folder, "train.batch=12", "data.workers=1"))
+    tr.load_checkpoint(Path(path))
+    keys = [_step(tr) for _ in range(steps)]
+    tr.stream.close()
+    return {"keys": keys, "line": tr.stream.resumed_from, "nimg": tr.cur_nimg, "G": flat(tr.G_module)}
+
+
+def test_two_ranks_of_two_workers_resume_on_three_ranks_and_on_one_continuing_the_epoch(tmp_path):
+    # 96 samples in 12 shards, a global batch of 12: 8 steps per epoch. 3 steps on 2 ranks x 2 workers, then the
+    # checkpoint resumed by 3 ranks x 1 worker and by 1 x 1: the 5 steps to the epoch's end are the 60 samples not
+    # yet trained on, each once, with its label (the in-process streams' version, with its control, is in
+    # tests/unit/test_stream.py).
+    write_shards(tmp_path, 12, 8, resolution=32, label=label_of, num_classes=7)
+    first = run_ranks(_elastic_first, 2, str(tmp_path), 3)
+    path = first[0]["path"]
+    before = [kl for r in first for step in r["keys"] for kl in step]
+    for world in (3, 1):
+        out = run_ranks(_elastic_resumed, world, str(tmp_path), path, 5)
+        after = [kl for r in out for step in r["keys"] for kl in step]
+        assert sorted(before + after) == [(f"{i:08d}", label_of(i)) for i in range(96)], world
+        assert "2 ranks x 2 loader workers re-split over" in out[0]["line"] and "60 samples" in out[0]["line"]
+        assert all(r["nimg"] == 96 for r in out) and all(torch.equal(r["G"], out[0]["G"]) for r in out)

@@ -32,6 +32,7 @@ import pytest
 from conftest import BIN, REPO, cli_env, patience
 from distgan.checkpoint import load_file, read_manifest, verify
 from distgan.errors import EXIT_HUNG, EXIT_INTERRUPTED, EXIT_USER_ERROR
+from support import distgan_processes
 
 pytestmark = [pytest.mark.integration, pytest.mark.dist, pytest.mark.slow]
 
@@ -158,25 +159,6 @@ def nimg_of(ckpt: Path) -> int:
 
 def error_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("distgan: error:")]
-
-
-def distgan_processes(marker: str) -> dict[int, int]:
-    """pid -> parent pid of every live (not zombie) process whose command line holds both `marker` and
-    distgan.train. Loader workers are forked, so they carry their rank's command line."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            if marker.encode() not in cmdline or b"distgan.train" not in cmdline:
-                continue
-            state, ppid = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[:2]
-        except (OSError, ValueError):
-            continue  # it ended while we looked
-        if state != "Z":
-            found[int(entry)] = int(ppid)
-    return found
 
 
 class ProcessWatcher:
@@ -498,25 +480,28 @@ def test_wandb_api_key_is_never_written(tmp_path):
 # ---------------------------------------------------------------------- 5. resume with another world size
 
 
-def test_shard_run_refuses_to_resume_on_another_world_size(tmp_path):
-    """A shard stream's position is per rank and loader worker: resuming a 1-process run on 2 ranks must stop
-    both ranks with exit 2 and one line saying why, before writing anything."""
+def test_shard_run_resumes_on_another_world_size(tmp_path):
+    """A shard stream's checkpoint holds its global position (data/position.py): a 1-process run resumed on 2 ranks
+    re-splits it, says so, and trains on to the end (which samples: tests/distributed/test_shard_stream.py)."""
     run_dir = tmp_path / "run"
     data = shard_args(tmp_path)
     p = run_cli([*TRAIN, "--run-dir", str(run_dir), *data], tmp_path)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    before_names, before = ckpt_names(run_dir), ckpt_digest(run_dir)
-    assert before_names == ["ckpt-000000064", "ckpt-000000128"]
+    assert ckpt_names(run_dir) == ["ckpt-000000064", "ckpt-000000128"]
+    saved = load_file(run_dir / "checkpoints" / "ckpt-000000128", "state.pt")["data_position"]
+    assert saved["kind"] == "shard-position" and saved["shards"] == 4
 
     ranks = Ranks(tmp_path, [*TRAIN, "--run-dir", str(run_dir), *data, "train.total_kimg=0.192"])
-    codes = ranks.codes(patience(120))
-    errors = error_lines(ranks.stderr(0)) + error_lines(ranks.stderr(1))
-    print(f"\nshard run resumed on 2 ranks: exit codes {codes}; {errors}")
-    assert codes == [EXIT_USER_ERROR] * 2, ranks.tails()
-    assert len(errors) == 1, ranks.tails()
-    assert "1 ranks x 1 loader workers" in errors[0] and "2 x 1" in errors[0] and "same world size" in errors[0]
-    assert "Traceback" not in ranks.stderr(0) + ranks.stderr(1), ranks.tails()
-    assert ckpt_names(run_dir) == before_names and ckpt_digest(run_dir) == before
+    assert ranks.codes(patience(120)) == [0, 0], ranks.tails()
+    assert resumed_from(ranks.stdout(0)) == run_dir / "checkpoints" / "ckpt-000000128"
+    line = next(x for x in ranks.stdout(0).splitlines() if "re-split" in x)
+    print(f"\nshard run resumed on 2 ranks: {line}")
+    assert "1 rank x 1 loader worker re-split over 2 x 1: 32 samples of the current epoch left" in line
+    final = run_dir / "checkpoints" / "ckpt-000000192"
+    assert verify(final) is None
+    state = load_file(final, "state.pt")
+    assert state["world_size"] == 2 and state["progress"]["cur_nimg"] == 192
+    assert state["data_position"]["gen"] == 1  # the position of the re-split layout, ready for the next change
 
 
 def test_in_memory_run_resumes_on_another_world_size(tmp_path, one_process_run):

@@ -207,6 +207,14 @@ def test_torchrun_wrapper_multi_node_c10d_on_loopback(tmp_path):
         ({"NNODES": "2"}, "NNODES=2 needs MASTER_ADDR (the rendezvous host every machine reaches)"),
         ({"NNODES": "2", "MASTER_ADDR": "127.0.0.1", "NODE_RANK": "2"}, "NODE_RANK=2 is not in 0..1"),
         ({"NPROC_PER_NODE": "0"}, "NPROC_PER_NODE=0 is not a positive integer"),
+        ({"NNODES": "two"}, "NNODES=two is not a positive integer nor MIN:MAX"),
+        ({"NNODES": "1:2"}, "NNODES=1:2 needs MASTER_ADDR (the rendezvous host every machine reaches)"),
+        ({"NNODES": "3:2", "MASTER_ADDR": "127.0.0.1"}, "NNODES=3:2: MIN is above MAX"),
+        (
+            {"NNODES": "1:2", "MASTER_ADDR": "127.0.0.1", "NODE_RANK": "0"},
+            "NNODES=1:2 (elastic) takes no NODE_RANK: the c10d rendezvous numbers the machines",
+        ),
+        ({"MAX_RESTARTS": "many"}, "MAX_RESTARTS=many is not a number"),
     ],
 )
 def test_torchrun_wrapper_refuses_bad_settings_before_starting_anything(tmp_path, extra, message):
@@ -241,6 +249,23 @@ def test_torchrun_wrapper_counts_visible_gpus(tmp_path):
     # NPROC_PER_NODE does not change what is expected: 4 processes on 2 GPUs are distgan's to refuse.
     out = run([WRAPPER, "--config", SMOKE], tmp_path, TORCHRUN=fake, CUDA_VISIBLE_DEVICES="0,1", NPROC_PER_NODE="4")
     assert "ARGS --nproc_per_node=4 " in out and "ENV DISTGAN_EXPECT_GPUS=2 " in out, out
+
+
+def test_torchrun_wrapper_elastic_form(tmp_path):
+    """NNODES=MIN:MAX: torchrun's --nnodes=MIN:MAX with the c10d rendezvous, 3 restarts unless MAX_RESTARTS says
+    otherwise, RDZV_CONF as --rdzv_conf; the gloo interface as for several machines, also on one. (Losing a machine
+    for real: tests/integration/test_elastic.py.)"""
+    fake = fake_torchrun(tmp_path)
+    elastic = {"NNODES": "1:4", "MASTER_ADDR": "127.0.0.1", "RDZV_ID": "j", "TORCHRUN": fake}
+    out = run([WRAPPER, "--config", SMOKE], tmp_path, **elastic)
+    assert ("ARGS --nproc_per_node=2 --max_restarts=3 --nnodes=1:4 --rdzv_backend=c10d --rdzv_endpoint=127.0.0.1:29500 "
+            "--rdzv_id=j -m distgan.train") in out, out  # fmt: skip
+    assert "ENV DISTGAN_EXPECT_GPUS=0 GLOO_SOCKET_IFNAME=lo" in out, out
+    out = run([WRAPPER, "--config", SMOKE], tmp_path, **elastic, MAX_RESTARTS="1", RDZV_CONF="last_call_timeout=5")
+    assert "--max_restarts=1 --nnodes=1:4 " in out and " --rdzv_conf=last_call_timeout=5 -m distgan.train" in out, out
+    # Not elastic: no restarts unless asked, as before.
+    out = run([WRAPPER, "--config", SMOKE], tmp_path, **{**elastic, "NNODES": "2"})
+    assert "ARGS --nproc_per_node=2 --max_restarts=0 --nnodes=2 " in out and "rdzv_conf" not in out, out
 
 
 def test_torchrun_wrapper_sets_gloo_interface_for_several_machines_only(tmp_path):

@@ -335,10 +335,11 @@ def usr1_once_training(cluster, job: int, cwd: Path, run_dir: Path) -> float:
     return time.time()
 
 
-def preempt(cluster, job: int, cwd: Path, run_dir: Path) -> dict:
+def preempt(cluster, job: int, cwd: Path, run_dir: Path, resize: tuple[str, ...] = ()) -> dict:
     """Send the job's batch shell USR1 once it has trained a little (its first stats line: 2 steps of 60), check
     the stop it leads to (one checkpoint, mid-run, a rank exiting 3, the job requeued), start the requeued job
-    without SLURM's ~120 s hold, and wait for its end. What happened, for the test to judge."""
+    without SLURM's ~120 s hold (after `scontrol update JobId=N *resize` while it waits, if given), and wait for
+    its end. What happened, for the test to judge."""
     signalled = usr1_once_training(cluster, job, cwd, run_dir)
     info = wait_job(cluster, job, cwd, timeout=patience(90), until=("PENDING", *DONE))
     requeued = time.time()
@@ -357,6 +358,8 @@ def preempt(cluster, job: int, cwd: Path, run_dir: Path) -> dict:
     # while its rank exits (the rendezvous host left first) may report less, so not every node has to say 3.
     assert any("3" in codes.split(", ") for codes in node_codes), node_codes
 
+    if resize:  # (the hold keeps it pending for ~120 s: the update comes first)
+        cluster.scontrol("update", f"JobId={job}", *resize)
     # SLURM holds a requeued job ~120 s unless told to start it now (at least 3 s after the requeue).
     while cluster.job(job)["JobState"] == "PENDING":
         if time.time() - requeued > 3:
@@ -430,6 +433,33 @@ def test_a_stop_without_a_committed_checkpoint_is_not_requeued(cluster, tmp_path
     assert "SIGUSR1 (time limit or preemption ahead)" in log and "not saved" in log, log[-4000:]
     assert "exited with code 2, not 3 (no checkpoint confirmed): not requeued" in log, log[-3000:]
     assert "requeueing" not in log
+
+
+def test_requeued_job_with_fewer_tasks_resumes_on_them(cluster, tmp_path):
+    """A job of two launchers (two tasks, one rank each: two nodes played on one) is preempted mid-run; while the
+    requeued job waits, it is made smaller (`scontrol update JobId=N NumTasks=1 TasksPerNode=1`, what a cluster that
+    hands a job back on fewer nodes amounts to). It must start one launcher, resume the stop's checkpoint on one
+    process (world 1, the in-memory dataset's position re-split) and finish with the global batch unchanged: the
+    same images per step, the same step count, one stats line per interval. Control: sbatch's SLURM_NTASKS in the
+    requeued job still says 2 (the log line says so); going by it, the script started two launchers again (on this
+    one node SLURM let the second task run on the job's spare CPU: no error, the old size, measured)."""
+    job = sbatch(cluster, tmp_path, ["--ntasks=2", "--ntasks-per-node=2"], [SMOKE, *TRAIN], NPROC_PER_NODE="1")
+    run_dir = tmp_path / "runs" / "smoke"
+    stop = preempt(cluster, job, tmp_path, run_dir, resize=("NumTasks=1", "TasksPerNode=1"))
+    log = stop["log"]
+    first, again = log.split(f"job {job} attempt 1 on localhost")
+    assert "2 launcher(s) x 1 process(es) per node (NPROC_PER_NODE), world 2" in first, first[-3000:]
+    assert "launcher=torchrun backend=gloo world=2" in first and "srun --ntasks=2 " in first
+    assert again.startswith(": 1 launcher(s) x 1 process(es) per node (NPROC_PER_NODE), world 1, "), again[:500]
+    assert "the job was submitted with 2 task(s) and now has 1 (SLURM_TASKS_PER_NODE=1)" in again.splitlines()[0]
+    assert "srun --ntasks=1 " in again and "--nnodes=1 --nproc-per-node=1 " in again, again[-3000:]
+    assert "launcher=torchrun backend=none world=1" in again and "batch: 16 per step = 16 per process x 1 process" \
+        in again, again[-3000:]  # fmt: skip
+    assert re.findall(r"resumed from (\S+) at ([\d.]+) kimg", log) == [(stop["stop_ckpt"], stop["stop_kimg"])]
+    print(f"stopped at {stop['stop_nimg']} images on 2 tasks, resumed and finished on 1")
+    assert stop["stop_state"]["world_size"] == 2
+    check_finished(run_dir, world=1)
+    assert stats_nimg(run_dir) == list(range(32, TOTAL_NIMG + 1, 32))
 
 
 # ---------------------------------------------------------------------- two launchers

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -5,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distgan.config import Config, from_dict, load_config, to_yaml
+from distgan.config import Config, from_dict, load_config, to_yaml, world_sizes_for
 from distgan.errors import ConfigError
 from support import SMOKE
 
@@ -157,6 +158,78 @@ def test_cli_bad_config_exits_2_before_importing_torch():
     assert len(lines) == 1 and lines[0].startswith("distgan: error: invalid config:")
     assert "train.batch=15 is not divisible by the 2 processes launched" in lines[0]
     assert "optim.lr_g=0.0 must be > 0" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("batch", "world", "resumed", "launch"),
+    [
+        (63, 2, None, "launch 1, 3, 7, 9, 21 or 63, or make train.batch a multiple of 2)"),
+        (12, 8, 4, "launch 1, 2, 3, 4, 6 or 12; this start resumes a checkpoint made by 4 processes"),
+        (7, 2, None, "launch 1 or 7, or make"),
+        # Beyond 64 processes: the divisors up to 64 and the nearest ones around the launch (here 128 above it).
+        (256, 96, None, "launch 1, 2, 4, 8, 16, 32, 64 or 128, or make train.batch a multiple of 96)"),
+        (384, 100, None, "launch 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96 or 128, or make"),
+        # A resume on the same number: not what is wrong, not said.
+        (12, 8, 8, "launch 1, 2, 3, 4, 6 or 12, or make train.batch a multiple of 8)"),
+    ],
+    ids=["63-on-2", "12-on-8-resumed-from-4", "7-on-2", "256-on-96", "384-on-100", "12-on-8-resumed-from-8"],
+)
+def test_indivisible_batch_names_the_world_sizes_that_work(batch, world, resumed, launch):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"train.batch={batch}"]).validate(world_size=world, resumed_world=resumed)
+    msg = str(e.value)
+    assert f"invalid config: train.batch={batch} is not divisible by the {world} processes launched (train.batch is " \
+           "the global batch, split over the processes: " in msg  # fmt: skip
+    assert launch in msg, msg
+    assert ("a resume on another number of processes keeps its global batch" in msg) == (resumed not in (None, world))
+    # Every number offered works.
+    for n in world_sizes_for(batch, world):
+        load_config(None, [f"train.batch={batch}"]).validate(world_size=n)
+
+
+def write_fake_checkpoint(run_dir: Path, nimg: int, ranks: int) -> Path:
+    """A committed checkpoint's marker and manifest (no tensors: validation reads only the manifest)."""
+    ckpt = run_dir / "checkpoints" / f"ckpt-{nimg:09d}"
+    ckpt.mkdir(parents=True)
+    files = {
+        name: {"bytes": 1, "sha256": "0" * 64} for name in ["state.pt", *(f"rank-{r:05d}.pt" for r in range(ranks))]
+    }
+    (ckpt / "manifest.json").write_text(json.dumps({"format": "distgan-checkpoint", "version": 2, "files": files}))
+    (ckpt / "COMMITTED").write_text("{}")
+    return ckpt
+
+
+def test_cli_indivisible_batch_on_a_resume_says_so_in_one_line_exit_2(tmp_path):
+    """train.batch=12 made by 4 processes, resumed by 8 (a requeue or an elastic restart with another size): one
+    line, exit code 2, before torch is imported; it names the numbers that work and the resume. Control: a fresh
+    run dir gets the same line without the resume part, and `--resume none` does not look at the checkpoints."""
+    run_dir = tmp_path / "run"
+    write_fake_checkpoint(run_dir, 64, ranks=2)
+    write_fake_checkpoint(run_dir, 128, ranks=4)  # the newest: the one `--resume latest` takes
+    code = (
+        "import sys; from distgan.train import main\n"
+        "rc = main(sys.argv[1:])\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "sys.exit(rc)\n"
+    )
+
+    def cli(*args: str) -> str:
+        p = subprocess.run([sys.executable, "-c", code, "--config", "configs/smoke.yaml", "train.batch=12", *args],
+                           cwd=REPO, capture_output=True, text=True,
+                           env={"WORLD_SIZE": "8", "RANK": "0", "PATH": "/usr/bin:/bin"})  # fmt: skip
+        assert p.returncode == 2, p.stderr
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("distgan: error: invalid config: train.batch=12 is not "
+                                                       "divisible by the 8 processes launched"), p.stderr  # fmt: skip
+        assert "launch 1, 2, 3, 4, 6 or 12" in lines[0], lines[0]
+        return lines[0]
+
+    resumed = "this start resumes a checkpoint made by 4 processes, and a resume on another number of processes"
+    assert resumed in cli("--run-dir", str(run_dir))
+    older = run_dir / "checkpoints" / "ckpt-000000064"
+    assert "a checkpoint made by 2 processes" in cli("--run-dir", str(run_dir), "--resume", str(older))
+    assert "resumes" not in cli("--run-dir", str(tmp_path / "fresh"))
+    assert "resumes" not in cli("--run-dir", str(run_dir), "--resume", "none")
 
 
 def test_help_config_lists_every_key():

@@ -84,7 +84,8 @@ def test_values_part_fills_a_value_added_since_from_its_default():
 
 def test_the_trainer_registers_every_stateful_part():
     tr = make_trainer()
-    assert tr.state.names("shared") == ["G", "D", "G_ema", "progress", "step", "guard", "data_health", "augment"]
+    shared = ["G", "D", "G_ema", "progress", "step", "guard", "data_health", "data_position", "augment"]
+    assert tr.state.names("shared") == shared
     assert tr.state.names("rank") == ["rng", "stream", "augment_sums"]
 
 
@@ -125,6 +126,27 @@ def test_a_format_2_checkpoint_resumes():
     assert all(torch.equal(x, y) for x, y in zip(a.G_module.parameters(), b.G_module.parameters()))
     # The upgrade names every part of today's layout.
     up, up_rank = upgrade_v2(shared, rank)
-    # (augmentation came after format 2: its parts start fresh when a checkpoint lacks them)
-    assert set(up) - {"format", "versions"} >= set(a.state.names("shared")) - {"augment"}
+    # (augmentation and the global data position came after format 2: checkpoints without them have a start)
+    assert set(up) - {"format", "versions"} >= set(a.state.names("shared")) - {"augment", "data_position"}
     assert set(up_rank) >= {"rng", "stream", "rank", "world_size"}
+
+
+def test_rng_states_on_another_world_size_start_from_seed_rank_and_images_seen():
+    # Same world size: the saved states continue. Another: each rank seeds (seed, rank, cur_nimg), reproducibly,
+    # and not the stream it started the run with (the control: a plain (seed, rank) seed).
+    from distgan import rng
+
+    tr = make_trainer()
+    saved = tr.rng_state.state_dict()
+    expected = torch.rand(4)
+    tr.rng_state.load_state_dict(saved)
+    assert torch.equal(torch.rand(4), expected)
+
+    tr.cur_nimg, tr.rng_state.skip = 128, True
+    draws = []
+    for _ in range(2):
+        tr.rng_state.load_state_dict(saved)
+        draws.append(torch.rand(4))
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], expected)
+    torch.manual_seed(rng.derive_seed(tr.cfg.train.seed, rng.FORWARD, 0))
+    assert not torch.equal(torch.rand(4), draws[0])

@@ -24,6 +24,7 @@ import torch
 from conftest import patience
 from distgan.config import load_config
 from distgan.data.batch import Batch
+from distgan.data.position import segment_size
 from distgan.data.stream import ShardStream
 from distgan.errors import DataError
 from support import write_shards
@@ -132,6 +133,86 @@ def test_resume_refuses_another_world_size(tmp_path):
     other = streams(tmp_path, world=1)[0]
     with pytest.raises(DataError, match="2 ranks x 2 loader workers"):
         other.load_state_dict(state)
+
+
+def resumed(shards, states, world, workers, batch):
+    """Streams of another ranks x workers resumed from `states` (every rank's) through their global position."""
+    position = streams(shards, len(states), states[0]["workers"], batch)[0].global_position(states)
+    out = streams(shards, world, workers, batch)
+    for s in out:
+        s.load_state_dict(states[0], position)  # (another world size: the trainer hands every rank rank 0's file)
+    return out
+
+
+@pytest.mark.parametrize("steps, world, workers", [(3, 1, 1), (1, 3, 1), (3, 3, 1), (1, 1, 2)])
+def test_resume_on_other_ranks_and_workers_continues_the_epoch_without_repeats_or_gaps(tmp_path, steps, world, workers):
+    # 96 samples in 12 shards; a global batch of 12. Stopped mid-epoch on 2 ranks x 2 workers (after 1 step worker 1
+    # of each rank has handed out nothing yet), resumed on another count: the epoch's other samples come next, each
+    # once, and every slot finishes the epoch at the same step (the next epoch then starts on all of them).
+    labelled(tmp_path, 12, 8)
+    first = streams(tmp_path, 2, 2, 12)
+    before = keys_of(consume(first, steps))
+    states = [s.state_dict() for s in first]
+    with pytest.raises(DataError, match="2 ranks x 2 loader workers"):  # the control: without the global position
+        streams(tmp_path, world, workers, 12)[0].load_state_dict(states[0])
+
+    after = resumed(tmp_path, states, world, workers, 12)
+    assert "re-split over" in after[0].resumed_from and f"{96 - 12 * steps} samples" in after[0].resumed_from
+    rest = keys_of(consume(after, 8 - steps))
+    assert sorted(before + rest) == [f"{i:08d}" for i in range(96)]
+    # The next epoch: every sample once more, on the new count alone.
+    assert sorted(keys_of(consume(after, 8))) == [f"{i:08d}" for i in range(96)]
+
+
+def test_a_resplit_stream_resumes_exactly_and_resplits_again(tmp_path):
+    # 2x2 -> 3x1 (stopped mid-way) -> the same 3x1 exactly, and -> 1x2: still each sample of the epoch once.
+    labelled(tmp_path, 12, [8] * 11 + [5])  # an uneven last shard: 93 samples, not a multiple of the batch
+    first = streams(tmp_path, 2, 2, 12)
+    seen = keys_of(consume(first, 3))
+    middle = resumed(tmp_path, [s.state_dict() for s in first], 3, 1, 12)
+    seen += keys_of(consume(middle, 2))
+    states = [s.state_dict() for s in middle]
+    straight = consume(middle, 2)
+    again = streams(tmp_path, 3, 1, 12)
+    for s, st in zip(again, states):
+        s.load_state_dict(st, first[0].global_position(states))  # same ranks x workers: the exact place wins
+    assert consume(again, 2) == straight
+    last = resumed(tmp_path, states, 1, 2, 12)
+    rest = keys_of(consume(last, 3))  # 33 samples left of 93 (then 3 of the next epoch)
+    assert sorted(seen + rest[:33]) == [f"{i:08d}" for i in range(93)]
+
+
+def test_a_resplit_with_fewer_shards_than_readers_reads_each_started_epoch_once(tmp_path):
+    # 3 shards of 8 for 2 ranks x 2 workers: the readers are in different epochs at once. The global position's
+    # rest is everything of the epochs begun and not yet read; resumed on 1 x 1 it is read next, and with what was
+    # read before it makes up those epochs exactly: every sample once per epoch begun.
+    labelled(tmp_path, 3, 8)
+    first = streams(tmp_path, 2, 2, 4)
+    before = keys_of(consume(first, 3))
+    states = [s.state_dict() for s in first]
+    position = first[0].global_position(states)
+    epochs = position["start"] // 3
+    assert epochs >= 2  # (the readers had entered more than one epoch)
+    after = resumed(tmp_path, states, 1, 1, 4)
+    left = 24 * epochs - len(before)
+    rest = keys_of(consume(after, left // 4))
+    assert collections.Counter(before + rest) == {f"{i:08d}": epochs for i in range(24)}
+
+
+def test_without_a_manifest_a_resplit_still_reads_each_left_sample_once(tmp_path):
+    write_shards(tmp_path, 12, 8, manifest=False)
+    pattern = str(tmp_path / "shard-{000000..000011}.tar")
+    first = streams(pattern, 2, 2, 12)
+    before = keys_of(consume(first, 3))
+    after = resumed(pattern, [s.state_dict() for s in first], 3, 1, 12)
+    assert "re-split over 3 x 1" in after[0].resumed_from
+    rest = consume(after, 12)
+    # The slots' shares of the epoch's rest are dealt by whole segments (sizes unknown): unequal, so they finish the
+    # epoch at different steps. Each slot's first records are its share: with `before`, every sample once.
+    shares = [sum(segment_size(seg, 8) for seg in piece) for piece in after[0].dataset.layout["pieces"]]
+    assert sum(shares) == 60 and len(set(shares)) > 1
+    epoch0 = before + [k for r, n in enumerate(shares) for k in [k for row in rest for k in row[r]][:n]]
+    assert sorted(epoch0) == [f"{i:08d}" for i in range(96)]
 
 
 def test_missing_shard_is_an_error_before_the_first_batch(tmp_path):
@@ -610,6 +691,7 @@ def test_prepared_shards_are_plain_webdataset(tmp_path):
 
 EXIT_WITH_A_LIVE_WORKER = """
 from distgan.config import load_config
+from distgan.data.position import segment_size
 from distgan.data.stream import ShardStream
 cfg = load_config(None, ["data.source=shards", "data.shards={folder}", "data.workers=1"]).data
 stream = ShardStream(cfg, 8, 3, 4, 0, 1, 0)
