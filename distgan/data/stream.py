@@ -361,6 +361,11 @@ class ShardStream:
                 f"`distgan prepare` with --size {resolution}"
             )
         sh.check_available(shard_list.urls)
+        # The image decoder's modules, imported here in the rank's process, before its loader workers are forked:
+        # imported first in a worker, after wandb.init (a resumed run draws no grid of reals, which would have
+        # imported them), they go through W&B's import hook, which raises in a forked process (wandb 0.31): the
+        # first sample of every worker was counted bad.
+        sh._torchvision_decoder()
         self.shard_list = shard_list
         # Labelled or not, decided once here for every worker (see the module docstring).
         if m is not None:

@@ -710,3 +710,20 @@ def test_a_process_exits_promptly_with_an_unclosed_stream(tmp_path):
     code = EXIT_WITH_A_LIVE_WORKER.format(folder=tmp_path)
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=patience(60))
     assert p.returncode == 0 and "exiting" in p.stdout, p.stderr[-2000:]
+
+
+def test_the_decoder_is_imported_before_loader_workers_fork(tmp_path):
+    # Imported first in a forked worker after wandb.init, torchvision.io ran W&B's import hook there, which raises:
+    # every resumed W&B run counted its workers' first samples bad. Control: importing the stream does not import it.
+    import subprocess
+    import sys
+
+    write_shards(tmp_path, 2, 4)
+    code = (
+        "import sys; from distgan.config import load_config; from distgan.data.stream import ShardStream; "
+        "before = 'torchvision.io' in sys.modules; "
+        f"cfg = load_config(None, ['data.source=shards', 'data.shards={tmp_path}']).data; "
+        "ShardStream(cfg, 8, 3, 4, 0, 1, 0); print(before, 'torchvision.io' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True"]
