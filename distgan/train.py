@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
-import json
 import re
 import signal
 import sys
@@ -310,7 +309,7 @@ def resumed_world(cfg, run_dir: str | None, resume: str) -> int | None:
     """The number of processes that made the checkpoint this start would resume (its manifest lists one rank file
     per process), or None: no checkpoint, or none that can be read. No torch, no verification (only a message
     uses it; `find_checkpoint` decides later)."""
-    from distgan.checkpoint import MANIFEST, CheckpointManager
+    from distgan.checkpoint import CheckpointManager, read_manifest
 
     if resume == "none":
         return None
@@ -320,8 +319,8 @@ def resumed_world(cfg, run_dir: str | None, resume: str) -> int | None:
     else:
         path = Path(resume).parent if Path(resume).is_file() else Path(resume)
     try:
-        files = json.loads((path / MANIFEST).read_text())["files"] if path is not None else {}
-    except (OSError, ValueError, KeyError, TypeError):
+        files = read_manifest(path)["files"] if path is not None else {}
+    except (OSError, ValueError):
         return None
     ranks = sum(1 for name in files if re.fullmatch(r"rank-\d{5,}\.pt", name))
     return ranks or None

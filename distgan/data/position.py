@@ -183,8 +183,7 @@ def split(position: dict, ranks: int, workers: int, batch: int, n_shards: int, c
             f"the checkpoint's data position is for {position['shards']} shards and data.shards has {n_shards}; "
             "resume with the data it was trained on"
         )
-    rest, shards = position["rest"], _Shards(n_shards, counts, seed)
-    sizes = [segment_size(seg, shards.count(seg[0])) for seg in rest]
+    rest, sizes = position["rest"], _sizes(position, n_shards, counts, seed)
     pieces: list[list] = [[] for _ in range(n_slots)]
     if any(size is None for size in sizes):  # (no manifest: whole visits of unknown size, dealt in turn)
         for i, seg in enumerate(rest):
@@ -209,8 +208,13 @@ def _cut(seg: list, a: int, b: int) -> list:
     return [seg[0], lo, hi, [i for i in seg[3] if lo <= i < hi]]
 
 
+def _sizes(position: dict, n_shards: int, counts: list[int] | None, seed: int) -> list[int | None]:
+    """The record count of each segment of the position's rest (None: unknown without the shards' sizes)."""
+    shards = _Shards(n_shards, counts, seed)
+    return [segment_size(seg, shards.count(seg[0])) for seg in position["rest"]]
+
+
 def records_left(position: dict, n_shards: int, counts: list[int] | None, seed: int) -> int | None:
     """How many records the position's rest holds (None without shard sizes)."""
-    shards = _Shards(n_shards, counts, seed)
-    sizes = [segment_size(seg, shards.count(seg[0])) for seg in position["rest"]]
+    sizes = _sizes(position, n_shards, counts, seed)
     return None if any(s is None for s in sizes) else sum(sizes)
